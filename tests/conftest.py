@@ -1,0 +1,41 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+sys.path.insert(0, ROOT)
+
+# a model small enough that a run takes seconds on 2 cores
+TINY = dict(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, d_ff=64, dropout=0.1,
+            batch_size=16, demo_train_size=800, demo_valid_size=64, demo_test_size=32, log_every=5,
+            warmup_steps=5, lr=2e-3)
+
+
+def tiny_config(tmp_path, **overrides):
+    from thcore.config import from_dict
+    from thcore.tasks.translation import TranslationConfig
+    return from_dict(TranslationConfig, {"name": "tiny", "out_dir": str(tmp_path / "run"), **TINY, **overrides})
+
+
+def th(*args, timeout=300, check=True, **kw):
+    """Run `python th.py ...` from the repo root; returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "th.py"), *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"th.py {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda **kw: tiny_config(tmp_path, **kw)

@@ -1,0 +1,212 @@
+"""Atomic checkpoints: tensors in safetensors, metadata in JSON, nothing pickled.
+
+    <run>/checkpoints/step_<N>/model.safetensors      params under their pytree names
+                               optimizer.safetensors  optimizer state, flattened ('exp_avg/<name>')
+                               state.json             step, seed, data cursor, loss scale, best, extra
+                               manifest.json          size and sha256 of each file, written last
+    <run>/checkpoints/latest                          'step_<N>': the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then named by
+`latest` (itself replaced atomically): a crash at any point leaves the previous checkpoint intact and named.
+Loading checks the manifest and falls back to the previous complete checkpoint when a file is damaged.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import tree
+from .config import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ConfigError):
+    """A missing, truncated or corrupt checkpoint file; the message names the file."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def write_dir(final: str, writers: dict) -> None:
+    """Create directory `final` atomically: each `writers[name](path)` writes one file into a temporary
+    directory, a manifest with sizes and checksums is added, everything is fsynced, then it is renamed."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for name, write in writers.items():
+            write(os.path.join(tmp, name))
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for n in names:
+                p = os.path.join(dirpath, n)
+                files[os.path.relpath(p, tmp)] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+                _fsync(p)
+        _write_json(os.path.join(tmp, MANIFEST), {"files": files})
+        _fsync(os.path.join(tmp, MANIFEST))
+        _fsync(tmp)
+        if os.path.exists(final):   # re-saving the same step: move the old one aside, then drop it
+            old = f"{tmp}.old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync(parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def verify(ckpt: str) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file of checkpoint `ckpt`."""
+    mpath = os.path.join(ckpt, MANIFEST)
+    try:
+        with open(mpath) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{mpath}: missing or unreadable manifest ({e.__class__.__name__})") from None
+    for rel, want in files.items():
+        p = os.path.join(ckpt, rel)
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{p}: missing")
+        if os.path.getsize(p) != want["size"]:
+            raise CheckpointError(f"{p}: truncated or extended ({os.path.getsize(p)} bytes, expected {want['size']})")
+        if _sha256(p) != want["sha256"]:
+            raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
+
+
+def root_of(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def _step_of(name: str) -> int:
+    return int(name.split("_", 1)[1]) if name.startswith("step_") and name[5:].isdigit() else -1
+
+
+def candidates(root: str) -> list[str]:
+    """Checkpoint dirs newest first: the one `latest` names, then the others by step."""
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((n for n in os.listdir(root) if _step_of(n) >= 0), key=_step_of, reverse=True)
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            named = f.read().strip()
+        if named in steps:
+            steps.remove(named)
+            steps.insert(0, named)
+    except OSError:
+        pass
+    return [os.path.join(root, n) for n in steps]
+
+
+def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True) -> str:
+    """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`."""
+    root = root_of(run_dir)
+    final = os.path.join(root, f"step_{state.step}")
+    meta = {**state.meta(), **(extra or {})}
+    writers = {"state.json": lambda p: _write_json(p, meta)}
+    if write_tensors:
+        params = {k: v.detach().contiguous().cpu() for k, v in state.params.items()}
+        opt = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state.opt_state).items()}
+        writers["model.safetensors"] = lambda p: save_file(params, p, metadata={"format": "pt"})
+        writers["optimizer.safetensors"] = lambda p: save_file(opt, p, metadata={"format": "pt"})
+    write_dir(final, writers)
+    tmp = os.path.join(root, f".latest-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(os.path.basename(final) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, "latest"))
+    for old in candidates(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_tensors(path: str, like: dict, what: str) -> dict:
+    loaded = load_file(path)
+    missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
+    if missing or unexpected:
+        name = sorted(missing or unexpected)[0]
+        raise CheckpointError(f"{path}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
+    out = {}
+    for k, ref in like.items():
+        if loaded[k].shape != ref.shape:
+            raise CheckpointError(f"{path}: {what} {k!r} has shape {tuple(loaded[k].shape)}, "
+                                  f"the model expects {tuple(ref.shape)}")
+        out[k] = loaded[k].to(device=ref.device, dtype=ref.dtype)
+    return out
+
+
+def load_params(ckpt: str, like: dict) -> dict:
+    """The params of checkpoint (or exported) directory `ckpt`, checked against the names/shapes of `like`."""
+    return _load_tensors(os.path.join(ckpt, "model.safetensors"), like, "param")
+
+
+def load(state, ckpt: str):
+    """`state` with params, optimizer state and metadata from checkpoint dir `ckpt` (verified first)."""
+    verify(ckpt)
+    with open(os.path.join(ckpt, "state.json")) as f:
+        meta = json.load(f)
+    params = load_params(ckpt, state.params)
+    opt = tree.unflatten(_load_tensors(os.path.join(ckpt, "optimizer.safetensors"),
+                                       tree.flatten(state.opt_state), "optimizer tensor"))
+    return state.replace(params=params, opt_state=opt).with_meta(meta), meta
+
+
+def resolve(resume: str, run_dir: str) -> list[str]:
+    """Checkpoints to try for `resume` ('auto' | 'never' | a run dir | a checkpoint dir), newest first."""
+    if resume == "never":
+        return []
+    if resume == "auto":
+        return candidates(root_of(run_dir))
+    if os.path.isfile(os.path.join(resume, "state.json")):
+        return [resume]
+    found = candidates(root_of(resume)) or candidates(resume)
+    if not found:
+        raise ConfigError(f"resume={resume!r}: no checkpoint found there")
+    return found
+
+
+def restore(state, paths: list[str], log=print):
+    """Load the newest complete checkpoint among `paths`, skipping damaged ones with a one-line warning.
+
+    Returns (state, meta, path) or (state, None, None) when there is nothing to resume from."""
+    for p in paths:
+        try:
+            new, meta = load(state, p)
+            return new, meta, p
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+    if paths:   # never silently start over (and later prune) a run whose checkpoints all fail to load
+        raise CheckpointError(f"{os.path.dirname(paths[0])}: none of its {len(paths)} checkpoints is complete; "
+                              "move them away or pass --resume=never")
+    return state, None, None

@@ -1,0 +1,167 @@
+"""Configs: attrs classes with validation, command-line overrides and a JSON round-trip.
+
+A recipe subclasses one of these and changes defaults; `th.py run RECIPE --field=value` overrides fields.
+Every problem is reported as one `ConfigError` line that names the field, before any work starts.
+"""
+import difflib
+import json
+import types
+import typing
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """A bad config value or unknown field; the message is one line that names the field."""
+
+
+def _choice(*allowed):
+    def check(inst, attr, value):
+        if value not in allowed:
+            raise ConfigError(f"{attr.name}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+    return check
+
+
+def _positive(inst, attr, value):
+    if value is None or value <= 0:
+        raise ConfigError(f"{attr.name}={value!r}: must be > 0")
+
+
+def _non_negative(inst, attr, value):
+    if value is None or value < 0:
+        raise ConfigError(f"{attr.name}={value!r}: must be >= 0")
+
+
+def _unit(inst, attr, value):
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{attr.name}={value!r}: must be in [0, 1)")
+
+
+@attrs.define(kw_only=True)
+class Config:
+    """Fields every recipe has (DESIGN.md §4)."""
+    name: str = "run"                       # recipe name; out_dir defaults to runs/<name>
+    out_dir: str = ""                        # run directory ("" = runs/<name>)
+    seed: int = 0
+    engine: str = attrs.field(default="eager", validator=_choice("eager", "ddp", "deepspeed"))
+    device: str = attrs.field(default="auto", validator=_choice("auto", "cpu", "cuda"))
+    nproc: int = attrs.field(default=1, validator=_positive)   # processes th.py starts for ddp/deepspeed
+    # schedule of the run
+    max_steps: int = attrs.field(default=0, validator=_non_negative)   # 0 = run `epochs` epochs
+    epochs: int = attrs.field(default=1, validator=_positive)
+    batch_size: int = attrs.field(default=32, validator=_positive)     # per device, per micro-step
+    grad_accum: int = attrs.field(default=1, validator=_positive)
+    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    # optimizer
+    optimizer: str = attrs.field(default="adamw", validator=_choice("adamw", "sgd"))
+    lr: float = attrs.field(default=3e-4, validator=_positive)
+    beta1: float = attrs.field(default=0.9, validator=_unit)
+    beta2: float = attrs.field(default=0.98, validator=_unit)
+    eps: float = attrs.field(default=1e-9, validator=_positive)
+    momentum: float = attrs.field(default=0.9, validator=_unit)
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    lr_schedule: str = attrs.field(default="cosine", validator=_choice("constant", "cosine", "linear", "inverse_sqrt"))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=_non_negative)
+    clip_grad: float = attrs.field(default=1.0, validator=_non_negative)   # 0 = no clipping
+    label_smoothing: float = attrs.field(default=0.0, validator=_unit)
+    # numerics and speed
+    precision: str = attrs.field(default="fp32", validator=_choice("fp32", "bf16", "fp16"))
+    compile: bool = False
+    activation_checkpointing: bool = False
+    # logging, eval, checkpoints
+    log_every: int = attrs.field(default=10, validator=_positive)
+    eval_every: int = attrs.field(default=0, validator=_non_negative)   # 0 = at the end of each epoch
+    checkpoint_every: int = attrs.field(default=0, validator=_non_negative)   # steps; 0 = at eval and at the end
+    keep_checkpoints: int = attrs.field(default=3, validator=_positive)
+    resume: str = "auto"                    # auto | never | PATH to a run dir or checkpoint
+    # DeepSpeed (used by engine="deepspeed")
+    zero_stage: int = attrs.field(default=0, validator=_choice(0, 1, 2, 3))
+    offload: str = attrs.field(default="none", validator=_choice("none", "cpu", "nvme"))
+    deepspeed_config: str = ""
+
+    def __attrs_post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Cross-field checks; subclasses extend (attrs validators check single fields)."""
+        if self.resume not in ("auto", "never") and not self.resume:
+            raise ConfigError("resume='': must be 'auto', 'never' or a path")
+
+    @property
+    def run_dir(self) -> str:
+        return self.out_dir or f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in attrs.fields(cls)]
+
+
+def _coerce(name: str, typ, value):
+    """fire parses '--lr=1' as int and '--x=True' as bool; bring values to the field's declared type."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):   # `str | None`: accept None or the inner type
+        inner = [t for t in typing.get_args(typ) if t is not type(None)]
+        return None if value is None else _coerce(name, inner[0], value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif typ is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, float) and value.is_integer():
+            return int(value)
+        elif isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        return value if isinstance(value, str) else str(value)
+    elif typ is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{name}={value!r}: expected {getattr(typ, '__name__', typ)}")
+
+
+def from_dict(cls, values: dict, base=None):
+    """Build `cls` from `values` on top of `base` (an instance) or the class defaults.
+
+    Unknown names are an error listing the valid fields (and the closest one)."""
+    fields = {f.name: f for f in attrs.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config field {k!r}{hint}; valid fields: {', '.join(sorted(fields))}")
+    merged = attrs.asdict(base, recurse=False) if base is not None else {}
+    for k, v in values.items():
+        merged[k] = _coerce(k, fields[k].type, v)
+    return cls(**merged)
+
+
+def load_json(cls, path: str):
+    with open(path) as f:
+        return from_dict(cls, json.load(f))

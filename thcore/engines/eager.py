@@ -1,0 +1,33 @@
+"""The eager engine: one process, one device; calls train_step with donation."""
+from .. import checkpoint
+from ..func import pick_device
+from ..step import train_step
+
+
+class EagerEngine:
+    name = "eager"
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, cfg):
+        self.device = pick_device(cfg.device)
+
+    def init(self, state):
+        return state.to(self.device)
+
+    def step(self, state, batch):
+        return train_step(state, batch, donate=True)
+
+    def reduce_sum(self, t):
+        return t
+
+    def save(self, state, run_dir, keep=3, extra=None):
+        return checkpoint.save(state, run_dir, keep=keep, extra=extra)
+
+    def restore(self, state, paths):
+        return checkpoint.restore(state, paths)
+
+    def barrier(self):
+        pass
+
+    def close(self):
+        pass

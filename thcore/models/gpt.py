@@ -1,0 +1,123 @@
+"""GPT-2 in nanoGPT's layout: module and parameter names match nanoGPT (and so map onto Hugging Face's GPT-2)."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import attention, merge_heads, split_heads
+
+GPT_PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with one fused q/k/v projection (GPT-2's c_attn)."""
+
+    def __init__(self, n_embd, n_head, dropout=0.0, bias=True):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"d_model ({n_embd}) must be divisible by num_heads ({n_head})")
+        self.n_head, self.n_embd, self.dropout = n_head, n_embd, dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(self.n_embd, dim=2))
+        y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd, dropout=0.0, bias=True):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        # GPT-2 was trained with the tanh approximation of GELU; the exact one would shift pretrained outputs
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, n_embd, n_head, dropout=0.0, bias=True):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. vocab_size=50304 pads GPT-2's 50257 to a multiple of 64 (faster matmuls)."""
+
+    def __init__(self, vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
+                 bias=True, activation_checkpointing=False):
+        super().__init__()
+        self.block_size = block_size
+        self.activation_checkpointing = activation_checkpointing
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            drop=nn.Dropout(dropout),
+            h=nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
+            ln_f=nn.LayerNorm(n_embd, bias=bias),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying; listed once, as transformer.wte.weight
+
+        # GPT-2 init: N(0, 0.02), zero biases; residual projections scaled by 1/sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """GPT.from_preset("gpt2", vocab_size=50257): a preset's shape, any constructor argument overridden."""
+        if name not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
+        return cls(**{**GPT_PRESETS[name], **overrides})
+
+    def forward(self, idx):
+        """idx: LongTensor [B, T] -> logits [B, T, vocab_size]."""
+        T = idx.size(1)
+        if T > self.block_size:
+            raise ValueError(f"cannot forward a sequence of length {T}: block_size is {self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # recompute in backward; RNG state preserved
+            else:
+                x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def num_params(self, non_embedding=True) -> int:
+        """Parameter count (the tied wte/lm_head once); non_embedding leaves out the position embeddings,
+        as nanoGPT (the token embeddings stay: they are also the output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n

@@ -1,0 +1,153 @@
+"""Building blocks shared by the encoder-decoder Transformer and GPT.
+
+Shapes: B batch, T query length, S key length, D model width, H heads, Dh = D // H.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """The fixed sin/cos table of "Attention is all you need" (section 3.5), added to the embeddings.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i/D)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/D)).
+    A non-persistent buffer: never a parameter, never in state_dict, rebuilt from (d_model, max_len)."""
+
+    def __init__(self, d_model: int, max_len: int = 5000):
+        super().__init__()
+        self.max_len = max_len
+        pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, d_model)
+        pe[:, 0::2] = torch.sin(pos * inv_freq)
+        pe[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])  # d_model // 2 columns when D is odd
+        self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = x.size(1)
+        if offset + T > self.max_len:
+            raise ValueError(f"positions {offset}..{offset + T - 1} exceed the positional table "
+                             f"(max_len={self.max_len})")
+        return x + self.pe[offset:offset + T].to(x.dtype)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, D] -> [B, H, T, Dh]."""
+    B, T, D = x.shape
+    return x.view(B, T, num_heads, D // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, Dh] -> [B, T, D]."""
+    B, H, T, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * Dh)
+
+
+def attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0):
+    """softmax(q k^T / sqrt(Dh) + mask) v over [B, H, T, Dh] tensors, through F.scaled_dot_product_attention.
+
+    key_padding_mask: bool [B, S], True = padding (never attended to). causal: query i sees keys j <= i
+    (aligned at the top-left, as SDPA's is_causal). The caller passes dropout_p=0 in eval mode."""
+    if key_padding_mask is None:
+        # no mask tensor: SDPA can pick its flash / memory-efficient kernels
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, S], True = may attend
+    if causal:
+        T, S = q.size(-2), k.size(-2)
+        mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections, so one class serves self- and cross-attention."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x, memory=None, key_padding_mask=None, causal=False):
+        """x: [B, T, D] queries; memory: [B, S, D] keys/values (None = self-attention)."""
+        kv = x if memory is None else memory
+        q = split_heads(self.q_proj(x), self.num_heads)
+        k = split_heads(self.k_proj(kv), self.num_heads)
+        v = split_heads(self.v_proj(kv), self.num_heads)
+        y = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+                      dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(merge_heads(y))
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: linear1 -> activation -> dropout -> linear2."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return self.linear2(self.dropout(ACTIVATIONS[self.activation](self.linear1(x))))
+
+
+class _Residual(nn.Module):
+    """Base for the Transformer layers: one residual connection around a sub-layer, with dropout on the
+    sub-layer output (the paper's residual dropout) and LayerNorm after the sum (post-LN, the paper) or on
+    the sub-layer input (pre-LN: trains without warm-up tricks at depth)."""
+
+    def __init__(self, dropout: float, pre_ln: bool):
+        super().__init__()
+        self.pre_ln = pre_ln
+        self.dropout = nn.Dropout(dropout)
+
+    def residual(self, x, norm, sublayer):
+        if self.pre_ln:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(_Residual):
+    """Self-attention over the source (padding masked), then the feed-forward network."""
+
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1, activation="relu", pre_ln=False):
+        super().__init__(dropout, pre_ln)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x, src_pad_mask=None):
+        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, key_padding_mask=src_pad_mask))
+        return self.residual(x, self.norm2, self.ffn)
+
+
+class DecoderLayer(_Residual):
+    """Causal self-attention over the target, cross-attention over the encoder output, feed-forward."""
+
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1, activation="relu", pre_ln=False):
+        super().__init__(dropout, pre_ln)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, x, memory, src_pad_mask=None):
+        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=True))
+        x = self.residual(x, self.norm2, lambda h: self.cross_attn(h, memory, key_padding_mask=src_pad_mask))
+        return self.residual(x, self.norm3, self.ffn)

@@ -1,0 +1,106 @@
+"""Functional optimizers on torch.optim's own kernels, and learning-rate schedules.
+
+An optimizer is a small frozen object: `init(params) -> opt_state` and `update(params, grads, opt_state, lr)`,
+which updates `params` and `opt_state` in place with `torch.optim.adamw.adamw` / `torch.optim.sgd.sgd` (bitwise
+equal to `torch.optim.AdamW` / `SGD`). Weight decay applies to matrices only (dim >= 2), as in nanoGPT.
+"""
+import math
+from typing import Callable
+
+import attrs
+import torch
+from torch.optim.adamw import adamw
+from torch.optim.sgd import sgd
+
+
+def _impl(device: torch.device, impl: str) -> dict:
+    """foreach on CPU, fused on CUDA (one kernel for all params); 'auto' picks by device."""
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
+def _groups(params: dict):
+    """(decayed names, other names): matrices and embeddings decay; biases and norms do not."""
+    decay = [k for k, p in params.items() if p.dim() >= 2]
+    no_decay = [k for k, p in params.items() if p.dim() < 2]
+    return decay, no_decay
+
+
+@attrs.frozen(kw_only=True)
+class AdamW:
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    impl: str = "auto"
+
+    def init(self, params: dict) -> dict:
+        return {
+            "exp_avg": {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()},
+            "exp_avg_sq": {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k, p in params.items()},
+            # torch's kernels want one singleton float tensor per param
+            "step": {k: torch.zeros((), dtype=torch.float32, device=p.device) for k, p in params.items()},
+        }
+
+    def update(self, params: dict, grads: dict, opt_state: dict, lr: float) -> None:
+        for names, wd in zip(_groups(params), (self.weight_decay, 0.0)):
+            if not names:
+                continue
+            p0 = params[names[0]]
+            adamw([params[k] for k in names], [grads[k] for k in names],
+                  [opt_state["exp_avg"][k] for k in names], [opt_state["exp_avg_sq"][k] for k in names], [],
+                  [opt_state["step"][k] for k in names], **_impl(p0.device, self.impl),
+                  amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=wd, eps=self.eps,
+                  maximize=False)
+
+
+@attrs.frozen(kw_only=True)
+class SGD:
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    impl: str = "auto"
+
+    def init(self, params: dict) -> dict:
+        if self.momentum == 0:
+            return {}
+        return {"momentum_buffer": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def update(self, params: dict, grads: dict, opt_state: dict, lr: float) -> None:
+        for names, wd in zip(_groups(params), (self.weight_decay, 0.0)):
+            if not names:
+                continue
+            bufs = [opt_state["momentum_buffer"][k] for k in names] if self.momentum else [None] * len(names)
+            # torch's sgd creates momentum buffers lazily on step 1 (buf = grad); ours exist from init as
+            # zeros, and with dampening 0, `0 * m + g` is that same first value.
+            sgd([params[k] for k in names], [grads[k] for k in names], bufs,
+                **_impl(params[names[0]].device, "foreach" if self.impl == "fused" else self.impl),
+                weight_decay=wd, momentum=self.momentum, lr=lr, dampening=0.0, nesterov=self.nesterov,
+                maximize=False)
+
+
+def make_optimizer(cfg):
+    if cfg.optimizer == "adamw":
+        return AdamW(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def schedule(kind: str, lr: float, warmup_steps: int = 0, total_steps: int = 0,
+             min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    """lr at optimizer step `s` (0-based): linear warmup, then constant / cosine / linear / inverse-sqrt."""
+    min_lr = lr * min_lr_ratio
+
+    def at(s: int) -> float:
+        if s < warmup_steps:
+            return lr * (s + 1) / warmup_steps
+        if kind == "constant":
+            return lr
+        if kind == "inverse_sqrt":   # the paper's schedule, scaled so that it peaks at `lr`
+            return lr * math.sqrt(max(warmup_steps, 1) / (s + 1))
+        span = max(total_steps - warmup_steps, 1)
+        frac = min((s - warmup_steps) / span, 1.0)
+        if kind == "linear":
+            return lr - (lr - min_lr) * frac
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))   # cosine
+    return at

@@ -1,0 +1,85 @@
+"""TrainState: everything a training step reads and writes, as one attrs object (Flax-style).
+
+Dynamic parts (checkpointed): params, opt_state, step, seed, data cursor, fp16 loss scale, best metric.
+Static parts (rebuilt from the recipe, never checkpointed): the model definition, its buffers, the optimizer,
+the learning-rate schedule and the step options.
+"""
+from typing import Any, Callable
+
+import attrs
+import torch
+from torch import nn
+
+from . import func, tree
+from .optim import AdamW, schedule
+
+
+@attrs.frozen(kw_only=True)
+class StepOptions:
+    precision: str = "fp32"          # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scale)
+    clip_grad: float = 1.0           # global-norm clipping; 0 = off
+    label_smoothing: float = 0.0
+    compile: bool = False            # torch.compile the forward+backward of a micro-batch
+    loss_scale_growth_interval: int = 2000
+
+
+@attrs.define(kw_only=True)
+class TrainState:
+    params: dict
+    opt_state: dict
+    step: int = 0
+    seed: int = 0                    # root of every random stream: dropout per (step, micro, rank), data order per epoch
+    data: dict = attrs.Factory(lambda: {"epoch": 0, "index": 0})   # cursor: micro-batches consumed in this epoch
+    loss_scale: float = 1.0
+    good_steps: int = 0              # finite fp16 steps since the loss scale last changed
+    best: float | None = None        # best eval value so far (lower is better)
+    # static
+    model: nn.Module = attrs.field(eq=False, repr=False)
+    buffers: dict = attrs.field(eq=False, repr=False)
+    tx: Any = attrs.field(eq=False, repr=False)
+    lr_fn: Callable[[int], float] = attrs.field(eq=False, repr=False)
+    options: StepOptions = attrs.field(factory=StepOptions, eq=False)
+
+    def replace(self, **changes) -> "TrainState":
+        return attrs.evolve(self, **changes)
+
+    def clone(self) -> "TrainState":
+        """A copy whose tensors can be updated in place without touching this one."""
+        return self.replace(params=tree.clone(self.params), opt_state=tree.clone(self.opt_state),
+                            data=dict(self.data))
+
+    def to(self, device) -> "TrainState":
+        move = lambda t: t.to(device)   # noqa: E731
+        return self.replace(params=tree.tree_map(move, self.params), opt_state=tree.tree_map(move, self.opt_state),
+                            buffers=tree.tree_map(move, self.buffers))
+
+    # what a checkpoint's state.json holds
+    def meta(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "data": dict(self.data), "loss_scale": self.loss_scale,
+                "good_steps": self.good_steps, "best": self.best}
+
+    def with_meta(self, meta: dict) -> "TrainState":
+        return self.replace(step=int(meta["step"]), seed=int(meta["seed"]), data=dict(meta["data"]),
+                            loss_scale=float(meta["loss_scale"]), good_steps=int(meta["good_steps"]),
+                            best=meta.get("best"))
+
+
+def init_state(model, tx=None, *, seed: int = 0, lr: float | Callable[[int], float] = 3e-4,
+               options: StepOptions | None = None, device="cpu") -> TrainState:
+    """A fresh TrainState.
+
+    `model` is an nn.Module, or a zero-argument callable that builds one: it is then built under `seed`, so
+    the initial params are a function of the seed alone. `lr` is a float or a schedule `step -> lr`.
+    """
+    if not isinstance(model, nn.Module):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model()
+    params, buffers = func.init(model)
+    params = {k: v.to(device) for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
+    tx = tx or AdamW()
+    options = options or StepOptions()
+    return TrainState(params=params, opt_state=tx.init(params), seed=seed, model=model, buffers=buffers, tx=tx,
+                      lr_fn=lr if callable(lr) else schedule("constant", lr), options=options,
+                      loss_scale=2.0 ** 16 if options.precision == "fp16" else 1.0)
