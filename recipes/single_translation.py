@@ -19,8 +19,8 @@ class Config(TranslationConfig):
     dropout: float = 0.1
     batch_size: int = 64
     lr: float = 1e-3
-    warmup_steps: int = 200
-    max_steps: int = 2000
+    warmup_steps: int = 100
+    max_steps: int = 1000
     eval_every: int = 500
     log_every: int = 20
     label_smoothing: float = 0.1

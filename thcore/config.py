@@ -75,10 +75,18 @@ class Config:
     checkpoint_every: int = attrs.field(default=0, validator=_non_negative)   # steps; 0 = at eval and at the end
     keep_checkpoints: int = attrs.field(default=3, validator=_positive)
     resume: str = "auto"                    # auto | never | PATH to a run dir or checkpoint
+    # distributed (engine="ddp" or "deepspeed" under torchrun)
+    dist_timeout_s: int = attrs.field(default=600, validator=_positive)   # collective timeout: a dead peer ends the run
+    ddp_comm_hook: str = attrs.field(default="allreduce",
+                                     validator=_choice("allreduce", "bf16_compress", "fp16_compress", "powersgd"))
+    bucket_cap_mb: float = attrs.field(default=25.0, validator=_positive)
+    powersgd_rank: int = attrs.field(default=1, validator=_positive)
+    powersgd_start_iter: int = attrs.field(default=10, validator=_non_negative)
     # DeepSpeed (used by engine="deepspeed")
     zero_stage: int = attrs.field(default=0, validator=_choice(0, 1, 2, 3))
     offload: str = attrs.field(default="none", validator=_choice("none", "cpu", "nvme"))
-    deepspeed_config: str = ""
+    deepspeed_config: str = ""              # a ds_config.json used as-is instead of the one built from these fields
+    nvme_path: str = "/tmp/thcore_nvme"     # offload="nvme" swap directory
 
     def __attrs_post_init__(self):
         self.validate()
