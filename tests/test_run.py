@@ -201,7 +201,7 @@ def test_bad_cli_input(tmp_path):
     line = _bad(tmp_path, "--d_modle=64")
     assert "unknown config field 'd_modle'" in line and "did you mean 'd_model'" in line and "num_heads" in line
     assert "d_model=100 must be divisible by num_heads=8" in _bad(tmp_path, "--d_model=100", "--num_heads=8")
-    assert "lr=0: must be > 0" in _bad(tmp_path, "--lr=0")
+    assert "lr=0.0: must be > 0" in _bad(tmp_path, "--lr=0")
     assert "batch_size=-4: must be > 0" in _bad(tmp_path, "--batch_size=-4")
     assert "train_src: file not found: /nonexistent/x.en" in _bad(
         tmp_path, "--train_src=/nonexistent/x.en", "--train_tgt=/nonexistent/x.de")

@@ -89,6 +89,13 @@ class Config:
     nvme_path: str = "/tmp/thcore_nvme"     # offload="nvme" swap directory
 
     def __attrs_post_init__(self):
+        # A recipe that re-declares a field to change its default drops the base class's attrs validator:
+        # run every validator declared for the field anywhere in the class hierarchy.
+        for klass in type(self).__mro__[1:]:
+            if attrs.has(klass):
+                for f in attrs.fields(klass):
+                    if f.validator is not None:
+                        f.validator(self, f, getattr(self, f.name))
         self.validate()
 
     def validate(self):

@@ -16,6 +16,26 @@ GPT_PRESETS = {
 }
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, for sampling one token at a time without recomputing the
+    prefix. One preallocated [B, H, max_len, Dh] pair per layer; `pos` tokens are filled.
+
+    Only for inference: the model writes into it in place (training never passes one)."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=torch.float32):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len, self.pos = max_len, 0
+
+    def update(self, layer, k, v):
+        """Store the new tokens' k, v [B, H, T, Dh] at positions pos..pos+T-1; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Causal self-attention with one fused q/k/v projection (GPT-2's c_attn)."""
 
@@ -28,9 +48,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(self.n_embd, dim=2))
-        y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)   # keys/values of every token so far, the new ones last
+        T, S = q.size(2), k.size(2)
+        if T == S:   # no cached prefix: the usual causal attention
+            y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # T new queries after S - T cached tokens: query i sees keys 0..S-T+i. SDPA's is_causal aligns the
+            # mask top-left (wrong once keys outnumber queries), so it is explicit; a single query sees all.
+            mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
@@ -56,8 +85,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -100,19 +129,33 @@ class GPT(nn.Module):
             raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
         return cls(**{**GPT_PRESETS[name], **overrides})
 
-    def forward(self, idx):
-        """idx: LongTensor [B, T] -> logits [B, T, vocab_size]."""
+    def forward(self, idx, cache: KVCache | None = None):
+        """idx: LongTensor [B, T] -> logits [B, T, vocab_size].
+
+        With a `cache` (inference), idx holds the tokens that follow the `cache.pos` cached ones: positions
+        start there, and the cache is advanced past them."""
         T = idx.size(1)
-        if T > self.block_size:
-            raise ValueError(f"cannot forward a sequence of length {T}: block_size is {self.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.block_size:
+            raise ValueError(f"cannot forward a sequence of length {start + T}: block_size is {self.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None:
+                x = block(x, cache, i)
+            elif self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)  # recompute in backward; RNG state preserved
             else:
                 x = block(x)
+        if cache is not None:
+            cache.pos += T
         return self.lm_head(self.transformer.ln_f(x))
+
+    def new_cache(self, batch_size, device=None, dtype=torch.float32) -> KVCache:
+        """An empty KV cache for up to block_size tokens of `batch_size` sequences."""
+        attn = self.transformer.h[0].attn
+        return KVCache(len(self.transformer.h), batch_size, attn.n_head, self.block_size,
+                       attn.n_embd // attn.n_head, device, dtype)
 
     def num_params(self, non_embedding=True) -> int:
         """Parameter count (the tied wte/lm_head once); non_embedding leaves out the position embeddings,
