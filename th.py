@@ -3,6 +3,9 @@
 
     python th.py run recipes/single_translation.py [--field=value ...]
     python th.py bench [--steps=30 ...]     # functional core vs. a plain nn.Module + torch.optim loop
+    python th.py prepare --input=text.txt --out=data/x [--tokenizer=char|gpt2 --tokenizer_dir=DIR]
+    python th.py generate RUN_DIR [--prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=200]
+    python th.py export RUN_DIR OUT_DIR [--format=hf]
 """
 import fire
 
@@ -30,5 +33,43 @@ def bench(**kwargs):
     guarded(main, **kwargs)
 
 
+def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = "", val_fraction: float = 0.1):
+    """Tokenize a text file into OUT/train.bin, val.bin (uint16) and meta.json for the GPT recipes."""
+    import sys
+
+    from thcore.data.lm import prepare as do_prepare
+
+    def go():
+        meta = do_prepare(input, out, tokenizer, tokenizer_dir, val_fraction)
+        print(f"{out}: vocab {meta['vocab_size']} ({tokenizer}), train {meta['train_tokens']:,} tokens, "
+              f"val {meta['val_tokens']:,} tokens", file=sys.stderr)
+    guarded(go)
+
+
+def generate(path: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200,
+             num_samples: int = 1, seed: int = 1337, checkpoint: str = "", tokenizer_dir: str = "",
+             device: str = "cpu"):
+    """Sample from a GPT run dir (or one of its checkpoint dirs, or a Hugging Face GPT-2 dir with
+    --tokenizer_dir) with a KV cache; --temperature=0 is greedy. Only the generated text goes to stdout."""
+    from thcore.generate import main
+    # fire turns --prompt=123 into an int: a prompt is always text
+    guarded(main, path, str(prompt), int(max_new_tokens), float(temperature), int(top_k), int(num_samples),
+            int(seed), str(checkpoint), str(tokenizer_dir), str(device))
+
+
+def export(run_dir: str, out_dir: str, format: str = "safetensors", checkpoint: str = ""):
+    """Export a run's weights (best checkpoint if recorded, else latest; or --checkpoint=PATH|best|latest):
+    --format=safetensors (params under their pytree names + the run's config) or --format=hf (a directory
+    transformers.GPT2LMHeadModel.from_pretrained loads)."""
+    import sys
+
+    from thcore.export import export as do_export
+
+    def go():
+        src = do_export(run_dir, out_dir, format, checkpoint)
+        print(f"exported {src} to {out_dir} ({format})", file=sys.stderr)
+    guarded(go)
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "bench": bench})
+    fire.Fire({"run": run, "bench": bench, "prepare": prepare, "generate": generate, "export": export})

@@ -89,7 +89,7 @@ def test_compile_matches_eager(data):
         torch.testing.assert_close(mc["loss_sum"], me["loss_sum"], rtol=1e-4, atol=1e-4)
     for k in eager.params:
         # Adam turns rounding in near-zero gradients into up to ~lr/10 differences
-        torch.testing.assert_close(comp.params[k], eager.params[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(comp.params[k], eager.params[k], rtol=1e-3, atol=5e-4)
 
 
 def test_bf16_autocast_trains_close_to_fp32(data):

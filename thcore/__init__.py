@@ -5,6 +5,7 @@ from .func import apply, init
 from .optim import SGD, AdamW, schedule
 from .state import StepOptions, TrainState, init_state
 from .step import eval_step, loss_fn, train_step
+from . import research
 
 __all__ = ["AdamW", "SGD", "Config", "ConfigError", "StepOptions", "TrainState", "apply", "eval_step", "init",
-           "init_state", "load_checkpoint", "loss_fn", "save_checkpoint", "schedule", "train_step"]
+           "init_state", "load_checkpoint", "loss_fn", "research", "save_checkpoint", "schedule", "train_step"]

@@ -2,9 +2,13 @@
 
     <run>/checkpoints/step_<N>/model.safetensors      params under their pytree names
                                optimizer.safetensors  optimizer state, flattened ('exp_avg/<name>')
+                               ema.safetensors        EMA of the params, when the state keeps one
                                state.json             step, seed, data cursor, loss scale, best, extra
                                manifest.json          size and sha256 of each file, written last
     <run>/checkpoints/latest                          'step_<N>': the newest complete checkpoint
+
+The best checkpoint (lowest eval loss) is the one whose step every later state.json records as `best_step`;
+pruning keeps it.
 
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then named by
 `latest` (itself replaced atomically): a crash at any point leaves the previous checkpoint intact and named.
@@ -128,8 +132,11 @@ def candidates(root: str) -> list[str]:
     return [os.path.join(root, n) for n in steps]
 
 
-def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True) -> str:
-    """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`."""
+def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True,
+         files: dict | None = None) -> str:
+    """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`.
+
+    `files`: more {name: write(path)} entries for write_dir (the DeepSpeed engine moves its own files in)."""
     root = root_of(run_dir)
     final = os.path.join(root, f"step_{state.step}")
     meta = {**state.meta(), **(extra or {})}
@@ -139,16 +146,36 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
         opt = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state.opt_state).items()}
         writers["model.safetensors"] = lambda p: save_file(params, p, metadata={"format": "pt"})
         writers["optimizer.safetensors"] = lambda p: save_file(opt, p, metadata={"format": "pt"})
-    write_dir(final, writers)
+        if state.ema is not None:
+            ema = {k: v.detach().contiguous().cpu() for k, v in state.ema.items()}
+            writers["ema.safetensors"] = lambda p: save_file(ema, p, metadata={"format": "pt"})
+    write_dir(final, {**writers, **(files or {})})
     tmp = os.path.join(root, f".latest-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(os.path.basename(final) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, "latest"))
+    # the best checkpoint (its step is recorded in every state.json as `best_step`) outlives the pruning
+    protect = f"step_{meta['best_step']}" if meta.get("best_step") is not None else None
     for old in candidates(root)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.basename(old) != protect:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def best(run_dir: str) -> str | None:
+    """The checkpoint dir of the best eval so far, as the newest checkpoint's state.json names it (None: no
+    eval has been recorded, or that checkpoint is gone)."""
+    for ckpt in candidates(root_of(run_dir)):
+        try:
+            with open(os.path.join(ckpt, "state.json")) as f:
+                step = json.load(f).get("best_step")
+        except (OSError, ValueError):
+            continue   # damaged: ask the one before
+        path = os.path.join(root_of(run_dir), f"step_{step}")
+        return path if step is not None and os.path.isdir(path) else None
+    return None
 
 
 def _load_tensors(path: str, like: dict, what: str) -> dict:
@@ -179,7 +206,11 @@ def load(state, ckpt: str):
     params = load_params(ckpt, state.params)
     opt = tree.unflatten(_load_tensors(os.path.join(ckpt, "optimizer.safetensors"),
                                        tree.flatten(state.opt_state), "optimizer tensor"))
-    return state.replace(params=params, opt_state=opt).with_meta(meta), meta
+    ema = state.ema
+    if ema is not None:   # a checkpoint from before EMA was switched on: the EMA starts at its params
+        path = os.path.join(ckpt, "ema.safetensors")
+        ema = _load_tensors(path, state.ema, "ema param") if os.path.isfile(path) else tree.clone(params)
+    return state.replace(params=params, opt_state=opt, ema=ema).with_meta(meta), meta
 
 
 def resolve(resume: str, run_dir: str) -> list[str]:

@@ -75,6 +75,10 @@ class Config:
     checkpoint_every: int = attrs.field(default=0, validator=_non_negative)   # steps; 0 = at eval and at the end
     keep_checkpoints: int = attrs.field(default=3, validator=_positive)
     resume: str = "auto"                    # auto | never | PATH to a run dir or checkpoint
+    # research probes (thcore/research.py)
+    ema_decay: float = attrs.field(default=0.0, validator=_unit)   # > 0: EMA of the params, evaluated and saved
+    log_grad_noise: bool = False            # train lines get the gradient noise scale from per-example gradients
+    sharpness_every: int = attrs.field(default=0, validator=_non_negative)   # steps (a multiple of log_every); 0 = off
     # distributed (engine="ddp" or "deepspeed" under torchrun)
     dist_timeout_s: int = attrs.field(default=600, validator=_positive)   # collective timeout: a dead peer ends the run
     ddp_comm_hook: str = attrs.field(default="allreduce",

@@ -6,7 +6,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, research
 from .config import ConfigError
 from .data.loader import to_device
 from .func import num_params
@@ -63,8 +63,17 @@ def fit(cfg, task, engine, log=print):
         raise ConfigError(f"batch_size={cfg.batch_size}: the training set is smaller than one step "
                           f"(batch_size x world_size {engine.world_size} x grad_accum {cfg.grad_accum})")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    state = engine.init(task.init_state(total))
-    state, _, resumed_from = engine.restore(state, checkpoint.resolve(cfg.resume, run_dir))
+    research.check_config(cfg, engine.name)
+    state = task.init_state(total)
+    if cfg.ema_decay:   # before restore: a checkpoint's ema.safetensors loads into it
+        state = research.with_ema(state, cfg.ema_decay)
+    state = engine.init(state)
+    state, meta, resumed_from = engine.restore(state, checkpoint.resolve(cfg.resume, run_dir))
+    # best checkpoint and early stopping (fields of the LM config; other configs keep every eval's checkpoint
+    # and never stop early). Both counters live in state.json, so a resumed run judges as the one that never stopped.
+    patience = getattr(cfg, "early_stop_patience", 0)
+    always_save = getattr(cfg, "always_save_checkpoint", True)
+    best_step, stale = (meta or {}).get("best_step"), int((meta or {}).get("stale_evals", 0))
     if main:
         task.save_assets(run_dir)
     metrics = Metrics(run_dir, main, resume_step=state.step if resumed_from else None)
@@ -79,20 +88,48 @@ def fit(cfg, task, engine, log=print):
 
     def evaluate(state, split="valid"):
         res = task.evaluate(state, engine, split)
+        if res and state.ema is not None:   # the EMA params on the same split, as ema_<metric>
+            ema = task.evaluate(research.ema_state(state), engine, split)
+            res = {**res, **{f"ema_{k}": v for k, v in ema.items()}}
         if res:
             line = metrics.log(state.step, "val" if split == "valid" else split, **res)
             say(f"eval {line['split']} step {state.step}: " + " ".join(f"{k} {v:.4f}" for k, v in res.items()))
         return res
 
     def save(state):
-        return engine.save(state, run_dir, keep=cfg.keep_checkpoints, extra={"epoch": state.data["epoch"]})
+        return engine.save(state, run_dir, keep=cfg.keep_checkpoints,
+                           extra={"epoch": state.data["epoch"], "best_step": best_step, "stale_evals": stale})
+
+    def judge(state, res):
+        """(state, improved): track the best eval loss (lower is better) and the evals since it."""
+        nonlocal best_step, stale
+        if not res:
+            return state, False
+        if state.best is None or res["loss"] < state.best:
+            best_step, stale = state.step, 0
+            return state.replace(best=res["loss"]), True
+        stale += 1
+        return state, False
+
+    def early_stop() -> bool:
+        return bool(patience) and stale >= patience
+
+    def agree_stop(stop, step) -> bool:
+        """Stop after `step`? Ranks get a signal at different steps (or one rank alone gets it): with several,
+        they decide together at log steps; a rank stopping alone would deadlock the others' next collective."""
+        if engine.world_size == 1:
+            return stop.requested
+        if step % cfg.log_every:
+            return False
+        return engine.reduce_sum(torch.tensor([float(stop.requested)], device=engine.device)).item() > 0
 
     bar = tqdm(total=total, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     window = torch.zeros(3, dtype=torch.float64, device=engine.device)   # loss_sum, tokens, steps
     t0, last_eval, last_save = time.perf_counter(), None, None
     try:
         with _GracefulStop() as stop:
-            while state.step < total and not stop.requested:
+            stopping = agree_stop(stop, state.step)
+            while state.step < total and not stopping and not early_stop():
                 epoch, start = state.data["epoch"], state.data["index"]
                 group = []
                 for batch in task.train_loader(epoch, start, engine):
@@ -101,50 +138,53 @@ def fit(cfg, task, engine, log=print):
                         continue
                     state, m = engine.step(state, group)
                     state = state.replace(data={"epoch": epoch, "index": state.data["index"] + len(group)})
-                    group = []
+                    trained, group = group, []
                     window += torch.stack([m["loss_sum"].double(), m["ntokens"].double(), window.new_ones(())])
                     bar.update(1)
                     s = state.step
                     if s % cfg.log_every == 0 or s == total:
                         loss_sum, ntok, _ = engine.reduce_sum(window).tolist()   # the only host sync
                         dt = time.perf_counter() - t0
+                        probes = research.train_probes(cfg, state, trained) if main else {}   # opt-in, rank 0
                         line = metrics.log(s, "train", loss=loss_sum / max(ntok, 1), lr=m["lr"],
-                                           grad_norm=m["grad_norm"].item(), tokens_per_s=ntok / dt, epoch=epoch)
+                                           grad_norm=m["grad_norm"].item(), tokens_per_s=ntok / dt, epoch=epoch,
+                                           **probes)
                         bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
                         window.zero_()
                         t0 = time.perf_counter()
+                    improved = False
                     if cfg.eval_every and s % cfg.eval_every == 0:
-                        res = evaluate(state)
+                        state, improved = judge(state, evaluate(state))
                         last_eval = s
-                        if res and (state.best is None or res["loss"] < state.best):
-                            state = state.replace(best=res["loss"])
-                    if (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or \
-                            (not cfg.checkpoint_every and last_eval == s):
-                        save(state)
+                    if (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or improved or \
+                            (not cfg.checkpoint_every and last_eval == s and always_save):
+                        save(state)   # an improved eval is always saved: it is the best checkpoint
                         last_save = s
-                    if s >= total or stop.requested:
+                    stopping = s < total and agree_stop(stop, s)
+                    if s >= total or stopping or early_stop():
                         break
                 else:   # the epoch ran out: next epoch from its first batch
                     state = state.replace(data={"epoch": epoch + 1, "index": 0})
                     if not cfg.eval_every and state.step < total:
-                        res = evaluate(state)
+                        state, improved = judge(state, evaluate(state))
                         last_eval = state.step
-                        if res and (state.best is None or res["loss"] < state.best):
-                            state = state.replace(best=res["loss"])
-                        if not cfg.checkpoint_every:
+                        if (not cfg.checkpoint_every and always_save) or improved:
                             save(state)
                             last_save = state.step
-            if stop.requested and state.step < total:
+                    stopping = agree_stop(stop, state.step)
+            if stopping and state.step < total:
                 if last_save != state.step:
                     save(state)
                 say(f"stopped at step {state.step}; run the same command again to resume")
                 raise Interrupted(state.step)
+        if early_stop():
+            say(f"early stop at step {state.step}: no better val loss in {stale} evals "
+                f"(best {state.best:.4f} at step {best_step})")
+        improved = False
         if last_eval != state.step:
-            res = evaluate(state)
-            if res and (state.best is None or res["loss"] < state.best):
-                state = state.replace(best=res["loss"])
+            state, improved = judge(state, evaluate(state))
         evaluate(state, "test")
-        if last_save != state.step:
+        if last_save != state.step or improved:
             save(state)
     finally:
         bar.close()

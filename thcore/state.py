@@ -21,6 +21,7 @@ class StepOptions:
     label_smoothing: float = 0.0
     compile: bool = False            # torch.compile the forward+backward of a micro-batch
     loss_scale_growth_interval: int = 2000
+    ema_decay: float = 0.0           # > 0: keep TrainState.ema, an EMA of the params updated after each step
 
 
 @attrs.define(kw_only=True)
@@ -33,6 +34,7 @@ class TrainState:
     loss_scale: float = 1.0
     good_steps: int = 0              # finite fp16 steps since the loss scale last changed
     best: float | None = None        # best eval value so far (lower is better)
+    ema: dict | None = None          # EMA of the params (options.ema_decay > 0), checkpointed as ema.safetensors
     # static
     model: nn.Module = attrs.field(eq=False, repr=False)
     buffers: dict = attrs.field(eq=False, repr=False)
@@ -46,12 +48,13 @@ class TrainState:
     def clone(self) -> "TrainState":
         """A copy whose tensors can be updated in place without touching this one."""
         return self.replace(params=tree.clone(self.params), opt_state=tree.clone(self.opt_state),
-                            data=dict(self.data))
+                            data=dict(self.data), ema=tree.clone(self.ema))
 
     def to(self, device) -> "TrainState":
         move = lambda t: t.to(device)   # noqa: E731
         return self.replace(params=tree.tree_map(move, self.params), opt_state=tree.tree_map(move, self.opt_state),
-                            buffers=tree.tree_map(move, self.buffers))
+                            buffers=tree.tree_map(move, self.buffers),
+                            ema=None if self.ema is None else tree.tree_map(move, self.ema))
 
     # what a checkpoint's state.json holds
     def meta(self) -> dict:
@@ -82,4 +85,5 @@ def init_state(model, tx=None, *, seed: int = 0, lr: float | Callable[[int], flo
     options = options or StepOptions()
     return TrainState(params=params, opt_state=tx.init(params), seed=seed, model=model, buffers=buffers, tx=tx,
                       lr_fn=lr if callable(lr) else schedule("constant", lr), options=options,
+                      ema=tree.clone(params) if options.ema_decay > 0 else None,
                       loss_scale=2.0 ** 16 if options.precision == "fp16" else 1.0)

@@ -18,11 +18,13 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0):
-    """(sum of token cross-entropies, number of target tokens) of one batch; logits cast to fp32 for the loss."""
+    """(sum of token cross-entropies, number of target tokens) of one batch; bf16/fp16 logits are cast to fp32
+    for the loss (fp64 stays fp64: research checks against exact math run the model in double)."""
     inputs = {k: v for k, v in batch.items() if k != "targets"}
     logits = func.apply(model, params, buffers, **inputs)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = batch["targets"]
-    loss_sum = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE,
+    loss_sum = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE,
                                reduction="sum", label_smoothing=label_smoothing)
     return loss_sum, (targets != IGNORE).sum()
 
@@ -117,6 +119,9 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
     if opts.clip_grad > 0:
         torch._foreach_mul_(grads, (opts.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0))
     state.tx.update(state.params, dict(zip(state.params, grads)), state.opt_state, metrics["lr"])
+    if state.ema is not None:   # ema <- decay * ema + (1 - decay) * params, a pytree map done in place
+        torch._foreach_lerp_([state.ema[k] for k in state.params], list(state.params.values()),
+                             1.0 - opts.ema_decay)
     return state.replace(step=state.step + 1), metrics
 
 

@@ -1,0 +1,63 @@
+"""`python th.py run RECIPE` for engines that run one process per device: start torchrun on this machine around
+launchers/multinode.py (one process per GPU, or `nproc` gloo processes on CPU) and exit with its status."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nproc(cfg, overrides: dict) -> int:
+    """An explicit --nproc wins; else one process per GPU; else the recipe's `nproc` (CPU-only machine)."""
+    import torch
+    if "nproc" not in overrides and cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return cfg.nproc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _arg(k, v) -> str:
+    # the workers parse values with fire (Python literals): repr keeps a string a string ('1e-3', '007', 'a b')
+    return f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
+
+
+def command(recipe: str, n: int, overrides: dict, port: int) -> list[str]:
+    # `nproc` is spent here; passed on, torchrun's argparse would also take `--nproc=` for a prefix of its own
+    # --nproc-per-node (ambiguous) even after the script name
+    fields = {k: v for k, v in overrides.items() if k != "nproc"}
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, "launchers", "multinode.py"),
+            "--recipe", recipe, *(_arg(k, v) for k, v in fields.items())]
+
+
+def spawn(recipe: str, cfg, overrides: dict):
+    if cfg.engine == "eager":   # a multi-process recipe asked to run eagerly: that is one process, here
+        from launchers.single import main
+        from thcore.recipe import load
+        return main(cfg, load(recipe).build)
+    n = nproc(cfg, overrides)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))   # share the cores, no oversubscription
+    # its own session: a terminal's Ctrl-C reaches torchrun once, through us; torchrun passes it to each worker
+    # (each in its own session too), whose first SIGINT/SIGTERM means "checkpoint and stop" (loop.py)
+    proc = subprocess.Popen(command(recipe, n, overrides, _free_port()), env=env, start_new_session=True)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    # torchrun reports a stop as a failure: after a forwarded signal, exit as a graceful stop does (cli.py)
+    sys.exit(130 if received and rc != 0 else rc)

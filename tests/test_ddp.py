@@ -1,0 +1,256 @@
+"""The DDP engine for real: torchrun with 2 gloo processes on this machine (and two `--nnodes=2` "nodes" on
+127.0.0.1), checked against the eager engine on the same data and seed.
+
+Every run here uses dropout 0: each rank draws its own dropout masks (stream = rank), so with dropout the 2-rank
+run and the 1-process run are different (equally valid) computations. Equivalence runs use SGD: its update is
+linear in the gradient, so reduction-order rounding stays at rounding level (Adam's first steps are ~sign(g) and
+turn a rounding difference in a near-zero gradient into a full lr-sized step)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, free_port, th, tiny_config
+from thcore.engines.eager import EagerEngine
+from thcore.loop import fit
+from thcore.metrics import read_jsonl
+from thcore.tasks.translation import TranslationTask
+
+RECIPE = os.path.join(ROOT, "recipes", "ddp_translation.py")
+MULTINODE = os.path.join(ROOT, "launchers", "multinode.py")
+B, STEPS = 8, 20   # per-rank batch; steps of every run
+RUN = {**TINY, "dropout": 0.0, "batch_size": B, "optimizer": "sgd", "lr": 0.2, "max_steps": STEPS,
+       "checkpoint_every": 5, "keep_checkpoints": 10, "demo_valid_size": 31, "demo_test_size": 8, "log_every": 5}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 ranks on 2 cores; also silences torchrun's banner
+TIMEOUT = 240   # seconds per launch: generous on 2 shared cores
+
+
+def _args(out, **kw):
+    return [f"--{k}={v}" for k, v in {**RUN, "out_dir": out, **kw}.items()]
+
+
+def torchrun(out, *launch, recipe=RECIPE, nproc=2, check=True, **kw):
+    """`torchrun --nproc_per_node=N [launch...] launchers/multinode.py --recipe R --field=value...`"""
+    launch = launch or ("--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launch,
+                        MULTINODE, "--recipe", recipe, *_args(out, **kw)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    if check and p.returncode:
+        raise AssertionError(f"torchrun exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def eager(out, **kw):
+    """The same run in this process on the eager engine (world size 1)."""
+    cfg = tiny_config(out, **{**RUN, "out_dir": str(out), **kw})
+    return fit(cfg, TranslationTask(cfg), EagerEngine(cfg), log=lambda *a, **k: None)
+
+
+def params(run, step=STEPS):
+    return load_file(os.path.join(run, "checkpoints", f"step_{step}", "model.safetensors"))
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-7):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def rows(run, split):
+    return [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run directories by name, each trained once per module on first use."""
+    root, done = tmp_path_factory.mktemp("ddp"), {}
+
+    def get(name, start):
+        if name not in done:
+            start(str(root / name))
+            done[name] = str(root / name)
+        return done[name]
+    return get
+
+
+def ddp_allreduce(out):
+    """`python th.py run` starts torchrun itself: the user's entry point."""
+    p = th("run", RECIPE, "--nproc=2", *_args(out), timeout=TIMEOUT, env=ENV)
+    assert f"global batch: {B} x 2 ranks x 1 accum = {2 * B}" in p.stderr + p.stdout
+
+
+# -- the launch contract ------------------------------------------------------------------------------------
+
+def test_without_torchrun_a_one_line_error_says_how_to_launch(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    for cmd in ([MULTINODE, "--recipe", RECIPE],
+                [os.path.join(ROOT, "launchers", "single.py"), "--recipe", RECIPE, f"--out_dir={tmp_path}"]):
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, p.stderr
+        err = p.stderr.strip()
+        assert "\n" not in err and err.startswith("error: ") and "RANK" in err and "torchrun --nproc_per_node" in err
+        assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_cuda_path_differs_only_in_backend_and_device(monkeypatch, tmp_path):
+    """No GPU in CI: the selection itself is what differs, so test it with CUDA's availability faked."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from thcore.engines import ddp
+    cfg = tiny_config(tmp_path, engine="ddp", ddp_comm_hook="bf16_compress")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ddp.backend_and_device("auto", 3) == ("nccl", torch.device("cuda", 3))
+    assert ddp.backend_and_device("cpu", 3) == ("gloo", torch.device("cpu"))
+    assert ddp.comm_hook(cfg, "nccl")[1] is default_hooks.bf16_compress_hook
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ddp.backend_and_device("auto", 3) == ("gloo", torch.device("cpu"))
+    assert ddp.comm_hook(cfg, "gloo")[1] is ddp.bf16_compress_hook_gloo
+
+
+def test_epoch_shuffles_differ_by_epoch_repeat_by_seed_and_split_across_ranks(tmp_path):
+    class Rank:
+        device = torch.device("cpu")
+
+        def __init__(self, rank, world):
+            self.rank, self.world_size = rank, world
+
+    def order(task, epoch, rank=0, world=1):   # one rank's training targets of an epoch, in order, unpadded
+        return [tuple(t for t in row.tolist() if t != -100) for b in task.train_loader(epoch, 0, Rank(rank, world))
+                for row in b["targets"]]
+    cfg = tiny_config(tmp_path, resume="never")
+    a, rerun = TranslationTask(cfg), TranslationTask(cfg)
+    other = TranslationTask(tiny_config(tmp_path, resume="never", seed=1))
+    assert order(a, 0) != order(a, 1)                                  # set_epoch: a new shuffle each epoch
+    assert order(a, 1) == order(rerun, 1)                              # the same seed: the same shuffle
+    assert order(a, 0) != order(other, 0)
+    r0, r1 = order(a, 1, 0, 2), order(a, 1, 1, 2)
+    assert len(r0) == len(r1) and sorted(r0 + r1) == sorted(order(a, 1))   # disjoint halves of the same epoch
+
+
+# -- equivalence with one process ---------------------------------------------------------------------------
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(runs, tmp_path):
+    run = runs("allreduce", ddp_allreduce)
+    ref = eager(tmp_path / "eager", batch_size=2 * B)
+    assert_close(params(run), {k: v.cpu() for k, v in ref.params.items()})
+    # rank 0 alone logs: one line per step, one final val and test line
+    assert [r["step"] for r in rows(run, "train")] == [5, 10, 15, 20]
+    assert len(rows(run, "val")) == 1 and len(rows(run, "test")) == 1 and os.listdir(os.path.join(run, "tb"))
+    # eval sums loss and tokens over all ranks' shares (31 sentences: 16 + 15), not a mean of rank means
+    ev = rows(str(tmp_path / "eager"), "val")[0]
+    assert rows(run, "val")[0]["loss"] == pytest.approx(ev["loss"], rel=1e-5)
+    assert rows(run, "val")[0]["exact_match"] == ev["exact_match"]
+    losses = [r["loss"] for r in rows(run, "train")]
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_two_ranks_with_grad_accum_equal_one_process(tmp_path):
+    torchrun(str(tmp_path / "ddp"), grad_accum=2, max_steps=10)
+    ref = eager(tmp_path / "eager", batch_size=2 * B, grad_accum=2, max_steps=10)
+    assert_close(params(str(tmp_path / "ddp"), 10), {k: v.cpu() for k, v in ref.params.items()})
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """Params are replicated: a 2-rank checkpoint is a 1-process checkpoint; the data cursor counts batches
+    per rank, so the 1-process run continues with the same global batch (2B)."""
+    run = runs("allreduce", ddp_allreduce)
+    eager(tmp_path / "one", batch_size=2 * B, resume=os.path.join(run, "checkpoints", "step_10"))
+    assert_close(params(str(tmp_path / "one")), params(run))
+
+
+def test_two_nodes_on_localhost_agree_with_one_node(runs, tmp_path):
+    """Two `torchrun --nnodes=2 --nproc_per_node=1` processes (c10d rendezvous) train the same 2-rank job as one
+    node with 2 processes: the same final checkpoint, bitwise. Each save also checks that every rank's params
+    equal rank 0's (DDPEngine._check_replicas), so rank 1 on the second node agrees too, or the run fails."""
+    run, out, port = runs("allreduce", ddp_allreduce), str(tmp_path / "nodes"), free_port()
+    launch = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", *launch, MULTINODE,
+           "--recipe", RECIPE, *_args(out)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    try:
+        logs = [n.communicate(timeout=TIMEOUT)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert all(n.returncode == 0 for n in nodes), "\n".join(logs)[-6000:]
+    a, b = params(out), params(run)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# -- gradient compression -----------------------------------------------------------------------------------
+
+def _drift(run, ref, init):
+    """|params - allreduce params| / |allreduce params - initial params|: error relative to the training motion."""
+    a, b = params(run), params(ref)
+    diff = sum(float((a[k] - b[k]).double().square().sum()) for k in b) ** 0.5
+    motion = sum(float((b[k] - init[k]).double().square().sum()) for k in b) ** 0.5
+    return diff / motion
+
+
+def test_compressed_hooks_train_and_stay_within_compression_error(runs, tmp_path):
+    ref = runs("allreduce", ddp_allreduce)
+    cfg = tiny_config(tmp_path, **RUN)
+    init = TranslationTask(cfg).init_state(STEPS).params
+    bf16, psgd = str(tmp_path / "bf16"), str(tmp_path / "powersgd")
+    torchrun(bf16, ddp_comm_hook="bf16_compress")
+    torchrun(psgd, ddp_comm_hook="powersgd", powersgd_rank=2, powersgd_start_iter=5)
+    for run in (bf16, psgd):
+        losses = [r["loss"] for r in rows(run, "train")]
+        assert losses[-1] < losses[0] - 0.5, (run, losses)
+        assert rows(run, "val")[0]["loss"] == pytest.approx(rows(ref, "val")[0]["loss"], rel=0.05)
+    # bf16 keeps 8 bits of mantissa: a small but nonzero drift (zero would mean the hook never ran)
+    assert 0 < _drift(bf16, ref, init) < 0.02
+    # PowerSGD all-reduces plainly for its first powersgd_start_iter steps, then sends rank-2 factors
+    # (with error feedback): identical until step 5, a larger but bounded drift after
+    assert all(torch.equal(params(psgd, 5)[k], params(ref, 5)[k]) for k in params(ref, 5))
+    assert 0.02 < _drift(psgd, ref, init) < 0.5
+
+
+# -- stop and resume ----------------------------------------------------------------------------------------
+
+STOP_RECIPE = f'''
+import os, signal
+from thcore.recipe import load
+base = load({RECIPE!r})
+Config, launcher = base.Config, base.launcher
+
+def build(cfg):
+    """Rank 0 alone gets SIGTERM after its 12th batch of the first run: the ranks must agree to stop."""
+    task = base.build(cfg)
+    orig = task.train_loader
+
+    def loader(epoch, start, engine):
+        for i, b in enumerate(orig(epoch, start, engine)):
+            if engine.rank == 0 and epoch == 0 and start + i == 12:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+    task.train_loader = loader
+    return task
+'''
+
+
+def test_a_stop_on_one_rank_is_agreed_and_the_resumed_run_is_bitwise_equal(runs, tmp_path):
+    ref = runs("allreduce", ddp_allreduce)
+    recipe, out = tmp_path / "stop_recipe.py", str(tmp_path / "run")
+    recipe.write_text(STOP_RECIPE)
+    p = torchrun(out, recipe=str(recipe), check=False, checkpoint_every=0)
+    assert p.returncode != 0 and "stopped at step 15" in p.stdout + p.stderr, p.stderr[-4000:]
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_15"   # the next log step
+    torchrun(out, recipe=str(recipe), checkpoint_every=0)   # the same command resumes
+    a, b = params(out), params(ref)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
+def test_nccl_on_gpus_trains_in_bf16(tmp_path):
+    n = torch.cuda.device_count()
+    p = th("run", RECIPE, *_args(str(tmp_path), precision="bf16", ddp_comm_hook="bf16_compress"),
+           timeout=TIMEOUT)
+    assert f"x {n} ranks" in p.stdout + p.stderr and "engine ddp on cuda:0" in p.stdout + p.stderr
+    losses = [r["loss"] for r in rows(str(tmp_path), "train")]
+    assert losses[-1] < losses[0]

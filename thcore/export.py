@@ -1,0 +1,45 @@
+"""`th.py export RUN_DIR OUT_DIR --format=...`: a run's weights for use outside torch-handle.
+
+    safetensors   OUT_DIR/model.safetensors (params under their pytree names) + the run's config.json
+                  (and model.json / meta.json / tokenizer files when the run has them)
+    hf            a Hugging Face GPT-2 directory (GPT runs): see thcore/interop/hf_gpt2.py
+
+The checkpoint is the best one when evals recorded it, else the latest; `checkpoint` names another
+(a checkpoint dir, 'best' or 'latest').
+"""
+import os
+import shutil
+
+from .config import ConfigError
+from .interop import hf_gpt2
+
+FORMATS = ("safetensors", "hf")
+_RUN_FILES = ("config.json", hf_gpt2.MODEL_JSON, "meta.json", "vocab.json", "merges.txt",
+              "vocab.src.json", "vocab.tgt.json")
+
+
+def export_safetensors(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
+    run = hf_gpt2.run_of(run_dir)
+    if run != run_dir and not checkpoint:   # RUN_DIR named one checkpoint dir of a run
+        checkpoint = run_dir
+    ckpt = hf_gpt2.run_checkpoint(run, checkpoint)
+    weights = os.path.join(ckpt, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ConfigError(f"{ckpt}: no model.safetensors")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(weights, os.path.join(out_dir, "model.safetensors"))
+    for name in _RUN_FILES:
+        if os.path.isfile(os.path.join(run, name)):
+            shutil.copyfile(os.path.join(run, name), os.path.join(out_dir, name))
+    return ckpt
+
+
+def export(run_dir: str, out_dir: str, format: str = "safetensors", checkpoint: str = "") -> str:
+    """Write OUT_DIR in `format`; returns the checkpoint dir exported."""
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"{run_dir}: not a directory")
+    if format == "hf":
+        return hf_gpt2.export(run_dir, out_dir, checkpoint)
+    if format == "safetensors":
+        return export_safetensors(run_dir, out_dir, checkpoint)
+    raise ConfigError(f"format={format!r}: must be one of {', '.join(map(repr, FORMATS))}")

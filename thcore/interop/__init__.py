@@ -1,0 +1,1 @@
+"""Weights in and out of other frameworks' layouts: Hugging Face GPT-2 (hf_gpt2)."""

@@ -1,0 +1,178 @@
+"""Hugging Face GPT-2 weights in and out of our GPT (thcore/models/gpt.py).
+
+Both models use the same parameter names (`transformer.h.0.attn.c_attn.weight`, ...), nanoGPT's layout. Two
+differences: HF's attention and MLP projections are `Conv1D` layers whose weight is stored [in, out], the
+transpose of nn.Linear's [out, in]; and HF checkpoints saved from `GPT2Model` (the hub's `gpt2` files) have no
+`transformer.` prefix and carry the causal-mask buffers `attn.bias` / `attn.masked_bias`, which are not weights.
+The output layer is tied to `wte` in both, so `lm_head.weight` is never stored on our side.
+
+Directories read here:
+  - a Hugging Face directory: config.json (model_type gpt2) + model.safetensors (or sharded, with
+    model.safetensors.index.json). pytorch_model.bin is refused: it is a pickle.
+  - a run directory of ours: model.json (the GPT's constructor arguments) + checkpoints/; the best checkpoint
+    is used when one was recorded, else the latest (or name one with `checkpoint=`).
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import checkpoint as ckpt_lib
+from ..config import ConfigError
+from ..data import lm as lm_data
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MODEL_JSON = "model.json"
+_NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias")   # HF's causal-mask buffers in older checkpoints
+
+
+# -- config ----------------------------------------------------------------------------------------------
+def read_hf_config(path: str) -> dict:
+    """GPT constructor arguments from a Hugging Face GPT-2 config.json; refuses variants our GPT does not compute."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2":
+        raise ConfigError(f"{path}/config.json: model_type={hf.get('model_type')!r}, expected 'gpt2'")
+    n_embd = hf.get("n_embd", 768)
+    checks = {   # field: (value, what our GPT computes)
+        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+    }
+    for name, (value, ok) in checks.items():
+        if value not in ok:
+            raise ConfigError(f"{path}/config.json: {name}={value!r} is not supported (our GPT computes {ok[-1]!r})")
+    return dict(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True)
+
+
+def hf_config(model_args: dict, dropout: float = 0.0, eot: int | None = None) -> dict:
+    """config.json for GPT2LMHeadModel with our GPT's shape (bias=False models are written with zero biases)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": model_args["vocab_size"], "n_positions": model_args["block_size"],
+        "n_embd": model_args["n_embd"], "n_layer": model_args["n_layer"], "n_head": model_args["n_head"],
+        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot, "dtype": "float32",
+    }
+
+
+# -- weights ---------------------------------------------------------------------------------------------
+def read_hf_weights(path: str) -> dict:
+    """The tensors of a Hugging Face directory (one safetensors file or shards)."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for s in shards:
+            out.update(load_file(os.path.join(path, s)))
+        return out
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        raise ConfigError(f"{path}: only pytorch_model.bin (a pickle, not loaded here); convert it to safetensors "
+                          "with transformers: from_pretrained(path).save_pretrained(path, safe_serialization=True)")
+    raise ConfigError(f"{path}: no model.safetensors")
+
+
+def from_hf(sd: dict) -> dict:
+    """Our params from a Hugging Face GPT-2 state dict (Conv1D weights transposed, buffers dropped)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_NOT_WEIGHTS) or k == "lm_head.weight":
+            continue
+        name = k if k.startswith("transformer.") else f"transformer.{k}"
+        out[name] = v.t().contiguous() if name.endswith(CONV1D) else v
+    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], out["transformer.wte.weight"]):
+        raise ConfigError("lm_head.weight differs from transformer.wte.weight: our GPT ties them")
+    return out
+
+
+def to_hf(params: dict, n_layer: int) -> dict:
+    """A GPT2LMHeadModel state dict (lm_head tied, so left out) from our params."""
+    sd = {k: (v.t() if k.endswith(CONV1D) else v).detach().cpu().contiguous() for k, v in params.items()}
+    # a bias=False GPT: HF always has biases, and zeros compute the same thing (dim = the weight's rows)
+    layers = [f"transformer.h.{i}.{m}" for i in range(n_layer)
+              for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    for m in layers + ["transformer.ln_f"]:
+        w = params[f"{m}.weight"]
+        sd.setdefault(f"{m}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
+    return sd
+
+
+# -- loading either kind of directory --------------------------------------------------------------------
+def is_hf_dir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg) or os.path.isfile(os.path.join(path, MODEL_JSON)):
+        return False
+    with open(cfg) as f:
+        return json.load(f).get("model_type") == "gpt2"
+
+
+def run_checkpoint(run_dir: str, checkpoint: str = "") -> str:
+    """The checkpoint dir of a run to read weights from: `checkpoint` (a path, 'best' or 'latest'), by default
+    the best one when evals recorded it, else the latest."""
+    if checkpoint and checkpoint not in ("best", "latest"):
+        return checkpoint
+    best = ckpt_lib.best(run_dir) if checkpoint != "latest" else None
+    if checkpoint == "best" and best is None:
+        raise ConfigError(f"{run_dir}: no best checkpoint recorded (no eval has run)")
+    found = [best] if best else ckpt_lib.candidates(ckpt_lib.root_of(run_dir))
+    if not found:
+        raise ConfigError(f"{run_dir}: no checkpoint found")
+    return found[0]
+
+
+def load_gpt(path: str, checkpoint: str = "") -> tuple[dict, dict, str]:
+    """(GPT constructor args, params, where the weights came from) for a Hugging Face GPT-2 directory, a run
+    directory of ours, or one checkpoint dir of a run."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: not a directory")
+    if is_hf_dir(path):
+        return read_hf_config(path), from_hf(read_hf_weights(path)), path
+    run_dir = path
+    if os.path.isfile(os.path.join(path, "state.json")):   # a checkpoint dir: <run>/checkpoints/step_N
+        run_dir, checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(path))), path
+    if not os.path.isfile(os.path.join(run_dir, MODEL_JSON)):
+        raise ConfigError(f"{path}: neither a GPT run directory (no {MODEL_JSON}) nor a Hugging Face GPT-2 "
+                          "directory (config.json with model_type 'gpt2')")
+    with open(os.path.join(run_dir, MODEL_JSON)) as f:
+        args = json.load(f)
+    ckpt = run_checkpoint(run_dir, checkpoint)
+    weights = os.path.join(ckpt, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ConfigError(f"{ckpt}: no model.safetensors (a DeepSpeed checkpoint? export it to safetensors first)")
+    return args, load_file(weights), ckpt
+
+
+def run_of(path: str) -> str:
+    """The directory holding the run's files, for a run dir or one of its checkpoint dirs."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+# -- export ----------------------------------------------------------------------------------------------
+def export(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
+    """Write `out_dir` as a directory GPT2LMHeadModel.from_pretrained loads (config.json, model.safetensors),
+    with the run's meta.json (and BPE files) beside them. Returns the checkpoint dir exported."""
+    args, params, ckpt = load_gpt(run_dir, checkpoint)
+    run = run_of(run_dir)
+    meta = lm_data.read_meta(run) if os.path.isfile(os.path.join(run, lm_data.META)) else None
+    with open(os.path.join(run, "config.json")) as f:
+        dropout = json.load(f).get("dropout", 0.0)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(to_hf(params, args["n_layer"]), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(args, dropout, (meta or {}).get("tokenizer", {}).get("eot")), f, indent=2)
+    if meta is not None:   # `th.py generate OUT_DIR` then decodes as the run did
+        lm_data.copy_tokenizer(run, out_dir, meta)
+    return ckpt

@@ -1,0 +1,177 @@
+"""Language modelling: a GPT on prepared token memmaps (nanoGPT's train.py, as a task for the fit loop).
+
+    python th.py prepare --input=text.txt --out=data/x --tokenizer=char     # or gpt2 --tokenizer_dir=...
+    python th.py run recipes/gpt2_shakespeare_char_cpu.py --data_dir=data/x
+
+Training batches are random windows (data/lm.py); an "epoch" is as many micro-batches as it takes to draw
+every training token once in expectation, so `epochs` still means something and the loop's cursor
+{"epoch", "index"} names each batch: batch `index` of `epoch` on `rank` is a function of the seed alone.
+Evaluation estimates val and train loss over `eval_iters` fixed batches each, split over ranks and summed.
+"""
+import json
+import math
+import os
+
+import attrs
+import torch
+
+from .. import checkpoint, optim
+from ..config import Config, ConfigError, _non_negative, _positive, _unit
+from ..data import lm as data
+from ..data.loader import to_device
+from ..interop import hf_gpt2
+from ..models.gpt import GPT
+from ..state import StepOptions, init_state
+from ..step import eval_step
+
+TRAIN_ESTIMATE = 2   # stream tag of the train-loss estimate's batches (training draws with data.TRAIN)
+
+
+def _weights(inst, attr, value):
+    for k, w in value.items():
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
+            raise ConfigError(f"datasets[{k!r}]={w!r}: weights must be numbers > 0")
+
+
+@attrs.define(kw_only=True)
+class LMConfig(Config):
+    # model: nanoGPT's names; defaults are nanoGPT's shakespeare_char model
+    n_layer: int = attrs.field(default=6, validator=_positive)
+    n_head: int = attrs.field(default=6, validator=_positive)
+    n_embd: int = attrs.field(default=384, validator=_positive)
+    block_size: int = attrs.field(default=256, validator=_positive)   # context length (tokens)
+    dropout: float = attrs.field(default=0.2, validator=_unit)
+    bias: bool = False                       # biases in Linear and LayerNorm (GPT-2 has them; nanoGPT trains without)
+    vocab_size: int = attrs.field(default=0, validator=_non_negative)   # 0 = meta.json's (set 50304 to pad GPT-2's 50257)
+    # data: a directory made by `th.py prepare`, or a weighted mix of several {data_dir: weight}
+    data_dir: str = ""
+    datasets: dict = attrs.field(factory=dict, validator=_weights)   # replaces data_dir when given
+    eval_iters: int = attrs.field(default=200, validator=_positive)   # batches per loss estimate (val, and train)
+    # where to start: "" = random init; a Hugging Face GPT-2 dir, a run dir or a checkpoint dir (fresh optimizer)
+    init_from: str = ""
+    early_stop_patience: int = attrs.field(default=0, validator=_non_negative)   # evals without a better val loss; 0 = off
+    always_save_checkpoint: bool = True      # False: eval steps save only when val loss improves (nanoGPT)
+    # optimizer and schedule: nanoGPT's
+    lr: float = 1e-3
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    eval_every: int = 250
+    log_every: int = 10
+
+    def validate(self):
+        super().validate()
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not self.data_dir and not self.datasets:
+            raise ConfigError("data_dir: required (a directory made by `python th.py prepare`), or give datasets")
+
+
+class LMTask:
+    """Data, model definition and evaluation for one LM config."""
+
+    def __init__(self, cfg: LMConfig, log=print):
+        self.cfg, self.log = cfg, log
+        sources = cfg.datasets or {cfg.data_dir: 1.0}
+        self.dirs = list(sources)
+        metas = [data.read_meta(d) for d in self.dirs]
+        self.meta = metas[0]
+        for d, m in zip(self.dirs[1:], metas[1:]):
+            if m["tokenizer"] != self.meta["tokenizer"]:
+                raise ConfigError(f"datasets: {d} has another tokenizer than {self.dirs[0]}; mixed data must share one")
+        self.model_args = self._model_args(cfg, self.meta)
+        if self.meta["vocab_size"] > self.model_args["vocab_size"]:
+            raise ConfigError(f"vocab_size={self.model_args['vocab_size']}: the data has {self.meta['vocab_size']} tokens")
+        T = self.model_args["block_size"]
+        self.train, self.val = (data.TokenMix([data.open_split(d, split) for d in self.dirs],
+                                              list(sources.values()), T) for split in ("train", "val"))
+        for d in self.dirs:
+            for split in ("train", "val"):
+                n = len(data.open_split(d, split))
+                if n <= T:
+                    raise ConfigError(f"block_size={T}: {d}/{split}.bin has only {n} tokens; lower block_size")
+        a = self.model_args
+        mix = ", ".join(f"{d} x{w / sum(sources.values()):.2f}" for d, w in sources.items())
+        self.summary = (f"data: {mix} | train {len(self.train):,} tokens, val {len(self.val):,} | "
+                        f"vocab {a['vocab_size']} ({self.meta['tokenizer']['kind']}) | GPT {a['n_layer']} layers, "
+                        f"{a['n_head']} heads, {a['n_embd']} wide, block {a['block_size']}"
+                        + (f" | from {cfg.init_from}" if cfg.init_from else ""))
+
+    @staticmethod
+    def _model_args(cfg, meta) -> dict:
+        """The GPT's shape: from the config, or from `init_from` (its shape wins; block_size may crop it)."""
+        if cfg.init_from:
+            args = dict(_peek_shape(cfg.init_from))
+            if cfg.block_size > args["block_size"]:
+                raise ConfigError(f"block_size={cfg.block_size}: init_from {cfg.init_from} has {args['block_size']} positions")
+            return {**args, "block_size": cfg.block_size}
+        return dict(vocab_size=cfg.vocab_size or meta["vocab_size"], block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    n_embd=cfg.n_embd, bias=cfg.bias)
+
+    def save_assets(self, run_dir: str):
+        """model.json (the GPT's constructor arguments) and the tokenizer: what export and generate read."""
+        data.copy_tokenizer(self.dirs[0], run_dir, self.meta)
+        with open(os.path.join(run_dir, hf_gpt2.MODEL_JSON), "w") as f:
+            json.dump(self.model_args, f, indent=1)
+
+    def build_model(self) -> GPT:
+        return GPT(**self.model_args, dropout=self.cfg.dropout,
+                   activation_checkpointing=self.cfg.activation_checkpointing)
+
+    def init_state(self, total_steps: int, device="cpu"):
+        c = self.cfg
+        state = init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device,
+                           lr=optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio),
+                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad, compile=c.compile))
+        if c.init_from and not checkpoint.resolve(c.resume, c.run_dir):   # resuming: the checkpoint wins anyway
+            _, params, src = hf_gpt2.load_gpt(c.init_from)
+            params["transformer.wpe.weight"] = params["transformer.wpe.weight"][:c.block_size]   # nanoGPT's crop
+            for k, p in state.params.items():
+                if k not in params or params[k].shape != p.shape:
+                    raise ConfigError(f"init_from: {src}: {k} missing or of another shape")
+                p.copy_(params[k])   # the optimizer state is fresh (zeros): a new run from these weights
+            self.log(f"init_from: weights of {src}")
+        return state
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def batches_per_epoch(self, world: int) -> int:
+        per_batch = self.cfg.batch_size * self.model_args["block_size"] * world
+        return max(self.cfg.grad_accum, len(self.train) // per_batch)
+
+    def train_loader(self, epoch: int, start: int, engine):
+        c = self.cfg
+        for i in range(start, self.batches_per_epoch(engine.world_size)):
+            yield self.train.batch(c.batch_size, data.seed_of(c.seed, data.TRAIN, epoch, i, engine.rank))
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self, state, engine, split: str = "valid") -> dict:
+        """Val loss (and ppl) and a train-loss estimate, each over the same `eval_iters` batches every time
+        (so evals compare like with like), split over ranks and summed: every rank calls reduce_sum once."""
+        if split != "valid":
+            return {}
+        c = self.cfg
+        sums = torch.zeros(4, dtype=torch.float64, device=engine.device)   # val loss, tokens; train loss, tokens
+        for i in range(engine.rank, c.eval_iters, engine.world_size):
+            for j, (mix, tag) in enumerate(((self.val, data.VAL), (self.train, TRAIN_ESTIMATE))):
+                batch = to_device(mix.batch(c.batch_size, data.seed_of(c.seed, tag, i)), engine.device)
+                loss_sum, ntok = eval_step(state, batch)
+                sums[2 * j] += loss_sum.double()
+                sums[2 * j + 1] += ntok.double()
+        val_loss, val_tok, train_loss, train_tok = engine.reduce_sum(sums).tolist()
+        loss = val_loss / max(val_tok, 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "train_loss": train_loss / max(train_tok, 1)}
+
+
+def _peek_shape(path: str) -> dict:
+    """The GPT args of an init_from directory without reading its weights."""
+    if hf_gpt2.is_hf_dir(path):
+        return hf_gpt2.read_hf_config(path)
+    run = hf_gpt2.run_of(path)
+    p = os.path.join(run, hf_gpt2.MODEL_JSON)
+    if not os.path.isfile(p):
+        raise ConfigError(f"init_from={path!r}: neither a Hugging Face GPT-2 directory nor a GPT run directory")
+    with open(p) as f:
+        return json.load(f)
+
