@@ -39,3 +39,7 @@ def free_port() -> int:
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **kw: tiny_config(tmp_path, **kw)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped on CPU machines (run on a GPU machine)")

@@ -6,7 +6,6 @@ run and the 1-process run are different (equally valid) computations. Equivalenc
 linear in the gradient, so reduction-order rounding stays at rounding level (Adam's first steps are ~sign(g) and
 turn a rounding difference in a near-zero gradient into a full lr-sized step)."""
 import os
-import signal
 import subprocess
 import sys
 
@@ -24,7 +23,8 @@ RECIPE = os.path.join(ROOT, "recipes", "ddp_translation.py")
 MULTINODE = os.path.join(ROOT, "launchers", "multinode.py")
 B, STEPS = 8, 20   # per-rank batch; steps of every run
 RUN = {**TINY, "dropout": 0.0, "batch_size": B, "optimizer": "sgd", "lr": 0.2, "max_steps": STEPS,
-       "checkpoint_every": 5, "keep_checkpoints": 10, "demo_valid_size": 31, "demo_test_size": 8, "log_every": 5}
+       "checkpoint_every": 10, "keep_checkpoints": 10, "demo_valid_size": 31, "demo_test_size": 8, "log_every": 5,
+       "dist_timeout_s": 120}   # a deadlocked rank dies by itself (torchrun's workers outlive a killed torchrun)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 ranks on 2 cores; also silences torchrun's banner
 TIMEOUT = 240   # seconds per launch: generous on 2 shared cores
 
@@ -64,36 +64,69 @@ def rows(run, split):
     return [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == split]
 
 
+STOP_RECIPE = f'''
+import os, signal
+from thcore.recipe import load
+base = load({RECIPE!r})
+Config, launcher = base.Config, base.launcher
+
+def build(cfg):
+    """The DDP recipe, but rank 0 alone gets SIGTERM after its 12th batch (in the first run only)."""
+    task = base.build(cfg)
+    orig = task.train_loader
+
+    def loader(epoch, start, engine):
+        for i, b in enumerate(orig(epoch, start, engine)):
+            if engine.rank == 0 and epoch == 0 and start + i == 12:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+    task.train_loader = loader
+    return task
+'''
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run directories by name, each trained once per module on first use."""
-    root, done = tmp_path_factory.mktemp("ddp"), {}
+    """The two reference 2-rank runs, trained once per module (torchrun launches dominate this file's time):
 
-    def get(name, start):
-        if name not in done:
-            start(str(root / name))
-            done[name] = str(root / name)
-        return done[name]
-    return get
+    "stopped": `python th.py run` (it starts torchrun) of the DDP recipe, where rank 0 alone gets SIGTERM at
+        step 12; the ranks must agree to stop at the next log step (15), checkpoint, exit; the same run is then
+        resumed to the end by `torchrun ... launchers/multinode.py`.
+    "nodes": the same job uninterrupted, as two `torchrun --nnodes=2 --nproc_per_node=1` processes (c10d).
+    Every save also checks that every rank's params equal rank 0's (DDPEngine._check_replicas), or fails."""
+    root = tmp_path_factory.mktemp("ddp")
+    recipe, stopped, nodes = root / "stop_recipe.py", str(root / "stopped"), str(root / "nodes")
+    recipe.write_text(STOP_RECIPE)
+    first = th("run", recipe, "--nproc=2", *_args(stopped), timeout=TIMEOUT, env=ENV, check=False)
+    resumed = torchrun(stopped, recipe=str(recipe))
 
-
-def ddp_allreduce(out):
-    """`python th.py run` starts torchrun itself: the user's entry point."""
-    p = th("run", RECIPE, "--nproc=2", *_args(out), timeout=TIMEOUT, env=ENV)
-    assert f"global batch: {B} x 2 ranks x 1 accum = {2 * B}" in p.stderr + p.stdout
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=2", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", MULTINODE, "--recipe", RECIPE, *_args(nodes)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    try:
+        logs = [n.communicate(timeout=TIMEOUT)[0] for n in procs]
+    finally:
+        for n in procs:
+            n.kill()
+    assert all(n.returncode == 0 for n in procs), "\n".join(logs)[-6000:]
+    return {"stopped": stopped, "nodes": nodes, "first": first, "resumed": resumed}
 
 
 # -- the launch contract ------------------------------------------------------------------------------------
 
 def test_without_torchrun_a_one_line_error_says_how_to_launch(tmp_path):
     env = {k: v for k, v in ENV.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    for cmd in ([MULTINODE, "--recipe", RECIPE],
-                [os.path.join(ROOT, "launchers", "single.py"), "--recipe", RECIPE, f"--out_dir={tmp_path}"]):
-        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert p.returncode == 2, p.stderr
-        err = p.stderr.strip()
-        assert "\n" not in err and err.startswith("error: ") and "RANK" in err and "torchrun --nproc_per_node" in err
-        assert "Traceback" not in p.stdout + p.stderr
+    cmds = ([MULTINODE, "--recipe", RECIPE],   # the launcher itself, and engine="ddp" through the one-process one
+            [os.path.join(ROOT, "launchers", "single.py"), "--recipe", RECIPE, f"--out_dir={tmp_path}"])
+    procs = [subprocess.Popen([sys.executable, *c], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in cmds]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 2, err
+        assert "\n" not in err.strip() and err.startswith("error: ") and "RANK" in err and "torchrun --nproc_per_node" in err
+        assert "Traceback" not in out + err
 
 
 def test_cuda_path_differs_only_in_backend_and_device(monkeypatch, tmp_path):
@@ -133,11 +166,12 @@ def test_epoch_shuffles_differ_by_epoch_repeat_by_seed_and_split_across_ranks(tm
 # -- equivalence with one process ---------------------------------------------------------------------------
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(runs, tmp_path):
-    run = runs("allreduce", ddp_allreduce)
+    run = runs["nodes"]
     ref = eager(tmp_path / "eager", batch_size=2 * B)
     assert_close(params(run), {k: v.cpu() for k, v in ref.params.items()})
     # rank 0 alone logs: one line per step, one final val and test line
     assert [r["step"] for r in rows(run, "train")] == [5, 10, 15, 20]
+    assert f"global batch: {B} x 2 ranks x 1 accum = {2 * B}" in runs["first"].stdout + runs["first"].stderr
     assert len(rows(run, "val")) == 1 and len(rows(run, "test")) == 1 and os.listdir(os.path.join(run, "tb"))
     # eval sums loss and tokens over all ranks' shares (31 sentences: 16 + 15), not a mean of rank means
     ev = rows(str(tmp_path / "eager"), "val")[0]
@@ -156,29 +190,15 @@ def test_two_ranks_with_grad_accum_equal_one_process(tmp_path):
 def test_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
     """Params are replicated: a 2-rank checkpoint is a 1-process checkpoint; the data cursor counts batches
     per rank, so the 1-process run continues with the same global batch (2B)."""
-    run = runs("allreduce", ddp_allreduce)
+    run = runs["stopped"]
     eager(tmp_path / "one", batch_size=2 * B, resume=os.path.join(run, "checkpoints", "step_10"))
     assert_close(params(str(tmp_path / "one")), params(run))
 
 
-def test_two_nodes_on_localhost_agree_with_one_node(runs, tmp_path):
-    """Two `torchrun --nnodes=2 --nproc_per_node=1` processes (c10d rendezvous) train the same 2-rank job as one
-    node with 2 processes: the same final checkpoint, bitwise. Each save also checks that every rank's params
-    equal rank 0's (DDPEngine._check_replicas), so rank 1 on the second node agrees too, or the run fails."""
-    run, out, port = runs("allreduce", ddp_allreduce), str(tmp_path / "nodes"), free_port()
-    launch = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", *launch, MULTINODE,
-           "--recipe", RECIPE, *_args(out)]
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    try:
-        logs = [n.communicate(timeout=TIMEOUT)[0] for n in nodes]
-    finally:
-        for n in nodes:
-            n.kill()
-    assert all(n.returncode == 0 for n in nodes), "\n".join(logs)[-6000:]
-    a, b = params(out), params(run)
-    assert all(torch.equal(a[k], b[k]) for k in b)
+def test_two_nodes_on_localhost_agree_with_one_node_stopped_and_resumed(runs):
+    """The uninterrupted two-node job and the one-node job stopped at step 15 and resumed: bitwise equal."""
+    a, b = params(runs["nodes"]), params(runs["stopped"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
 
 
 # -- gradient compression -----------------------------------------------------------------------------------
@@ -192,57 +212,34 @@ def _drift(run, ref, init):
 
 
 def test_compressed_hooks_train_and_stay_within_compression_error(runs, tmp_path):
-    ref = runs("allreduce", ddp_allreduce)
+    ref = runs["nodes"]
     cfg = tiny_config(tmp_path, **RUN)
     init = TranslationTask(cfg).init_state(STEPS).params
     bf16, psgd = str(tmp_path / "bf16"), str(tmp_path / "powersgd")
     torchrun(bf16, ddp_comm_hook="bf16_compress")
-    torchrun(psgd, ddp_comm_hook="powersgd", powersgd_rank=2, powersgd_start_iter=5)
+    torchrun(psgd, ddp_comm_hook="powersgd", powersgd_rank=2, powersgd_start_iter=10)
     for run in (bf16, psgd):
         losses = [r["loss"] for r in rows(run, "train")]
         assert losses[-1] < losses[0] - 0.5, (run, losses)
         assert rows(run, "val")[0]["loss"] == pytest.approx(rows(ref, "val")[0]["loss"], rel=0.05)
     # bf16 keeps 8 bits of mantissa: a small but nonzero drift (zero would mean the hook never ran)
-    assert 0 < _drift(bf16, ref, init) < 0.02
+    assert 0 < _drift(bf16, ref, init) < 0.02   # measured 0.003
     # PowerSGD all-reduces plainly for its first powersgd_start_iter steps, then sends rank-2 factors
-    # (with error feedback): identical until step 5, a larger but bounded drift after
-    assert all(torch.equal(params(psgd, 5)[k], params(ref, 5)[k]) for k in params(ref, 5))
-    assert 0.02 < _drift(psgd, ref, init) < 0.5
+    # (with error feedback): identical until step 10, a larger but bounded drift after
+    assert all(torch.equal(params(psgd, 10)[k], params(ref, 10)[k]) for k in params(ref, 10))
+    assert 0.005 < _drift(psgd, ref, init) < 0.3   # measured 0.026; fp32 rounding alone is ~1e-6
 
 
 # -- stop and resume ----------------------------------------------------------------------------------------
 
-STOP_RECIPE = f'''
-import os, signal
-from thcore.recipe import load
-base = load({RECIPE!r})
-Config, launcher = base.Config, base.launcher
-
-def build(cfg):
-    """Rank 0 alone gets SIGTERM after its 12th batch of the first run: the ranks must agree to stop."""
-    task = base.build(cfg)
-    orig = task.train_loader
-
-    def loader(epoch, start, engine):
-        for i, b in enumerate(orig(epoch, start, engine)):
-            if engine.rank == 0 and epoch == 0 and start + i == 12:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield b
-    task.train_loader = loader
-    return task
-'''
-
-
-def test_a_stop_on_one_rank_is_agreed_and_the_resumed_run_is_bitwise_equal(runs, tmp_path):
-    ref = runs("allreduce", ddp_allreduce)
-    recipe, out = tmp_path / "stop_recipe.py", str(tmp_path / "run")
-    recipe.write_text(STOP_RECIPE)
-    p = torchrun(out, recipe=str(recipe), check=False, checkpoint_every=0)
-    assert p.returncode != 0 and "stopped at step 15" in p.stdout + p.stderr, p.stderr[-4000:]
-    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_15"   # the next log step
-    torchrun(out, recipe=str(recipe), checkpoint_every=0)   # the same command resumes
-    a, b = params(out), params(ref)
-    assert all(torch.equal(a[k], b[k]) for k in b)
+def test_a_stop_on_one_rank_is_agreed_and_the_same_command_resumes(runs):
+    first, run = runs["first"], runs["stopped"]
+    assert first.returncode != 0 and "stopped at step 15" in first.stdout + first.stderr, first.stderr[-4000:]
+    assert "resumed from" in runs["resumed"].stdout + runs["resumed"].stderr
+    # the stop saved step 15 (between the regular checkpoints at 10 and 20); the log has no step twice
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_10", "step_15", "step_20"]
+    assert [r["step"] for r in rows(run, "train")] == [5, 10, 15, 20]
+    # bitwise equal to the uninterrupted job: test_two_nodes_on_localhost_agree_with_one_node_stopped_and_resumed
 
 
 @pytest.mark.gpu

@@ -110,20 +110,25 @@ class DDPEngine:
         # the timeout bounds every collective: a dead or stuck peer ends the run instead of hanging it
         dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
                                 device_id=self.device if cuda else None)
-        self.ddp = self.params = self._hook_state = None
+        self.ddp = self.forward = self.params = self._hook_state = None
 
     def init(self, state):
         state = state.to(self.device)
         self.params = bind(state.model, state.params, state.buffers)
         # buffers (the sinusoidal table) are constants: no re-broadcast before every forward
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                   inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        # gradient_as_bucket_view: .grad lives in DDP's buckets, no copy between them
         self.ddp = DistributedDataParallel(
             state.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            bucket_cap_mb=self.cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_sync)   # grads live in the buckets: no copy
+            bucket_cap_mb=self.cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
         self._hook_state, hook = comm_hook(self.cfg, self.backend)
         if hook is not None:
             self.ddp.register_comm_hook(self._hook_state, hook)
+        # compiling the DDP module is torch's supported way (dynamo splits graphs at bucket boundaries);
+        # no_sync() and the reducer still act on self.ddp
+        self.forward = torch.compile(self.ddp) if state.options.compile else self.ddp
         self._bound = state.params
         return state
 
@@ -146,7 +151,7 @@ class DDPEngine:
             with self.ddp.no_sync() if i < last else contextlib.nullcontext():
                 with autocast(opts.precision, self.device):
                     # the DDP module holds the params itself: nothing for functional_call to substitute
-                    ls, _ = loss_fn(self.ddp, {}, {}, mb, opts.label_smoothing)
+                    ls, _ = loss_fn(self.forward, {}, {}, mb, opts.label_smoothing)
                 (ls * (scale * self.world_size)).backward()
             loss_sum = loss_sum + ls.detach()
         return {k: p.grad for k, p in self.params.items()}, loss_sum
@@ -201,6 +206,6 @@ class DDPEngine:
             return
         if clean:
             dist.barrier()
-        self.ddp = None   # drop the reducer before the process group it uses
+        self.ddp = self.forward = None   # drop the reducer before the process group it uses
         gc.collect()
         dist.destroy_process_group()
