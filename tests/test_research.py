@@ -1,5 +1,5 @@
 """Research API (thcore/research.py): per-example gradients, the gradient noise scale, curvature probes, vmapped
-ensembles, EMA, their hooks in the fit loop, and the README example (docs/RESEARCH.md) executed as written."""
+ensembles, EMA, their hooks in the fit loop, and the README's research example executed as written."""
 import os
 import re
 
@@ -344,16 +344,18 @@ def test_research_options_are_checked_before_training(tiny):
 # -- the README example ------------------------------------------------------------------------------------------
 
 def test_readme_example_runs_as_written(tmp_path, monkeypatch):
-    """docs/RESEARCH.md's complete example runs standalone; the snippets after it then run on its namespace."""
-    with open(os.path.join(ROOT, "docs", "RESEARCH.md")) as f:
-        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)
+    """The README's research example runs standalone; the snippets after it then run on its namespace."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Research API"):readme.index("## Performance")]
+    blocks = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
     assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "readme_example"}
-    exec(compile(blocks[0], "docs/RESEARCH.md (complete example)", "exec"), ns)
+    exec(compile(blocks[0], "README.md (research example)", "exec"), ns)
     ckpt = tmp_path / "runs" / "my-experiment" / "checkpoints" / f"step_{ns['state'].step}"
     assert sorted(os.listdir(ckpt)) == ["ema.safetensors", "manifest.json", "model.safetensors",
                                         "optimizer.safetensors", "state.json"]
     for i, block in enumerate(blocks[1:], 1):
-        exec(compile(block, f"docs/RESEARCH.md (snippet {i})", "exec"), ns)
+        exec(compile(block, f"README.md (research snippet {i})", "exec"), ns)
     assert ns["ensemble"].size == 4 and ns["sharpness"] > 0
