@@ -22,7 +22,10 @@ def run(recipe: str, **overrides):
         if launcher == "single" and cfg.engine == "eager":
             from launchers.single import main
             return main(cfg, mod.build)
-        from launchers.spawn import spawn   # ddp / deepspeed: start one process per device under torchrun
+        from launchers.spawn import nproc, spawn   # ddp / deepspeed: start one process per device under torchrun
+        if cfg.engine == "deepspeed":   # a missing DeepSpeed or a contradicting ds_config: one line, before torchrun
+            from thcore.engines.deepspeed import check
+            check(cfg, nproc(cfg, overrides))
         return spawn(recipe, cfg, overrides)
     guarded(go)
 

@@ -1,7 +1,10 @@
 """`th.py export RUN_DIR OUT_DIR --format=...`: a run's weights for use outside torch-handle.
 
     safetensors   OUT_DIR/model.safetensors (params under their pytree names) + the run's config.json
-                  (and model.json / meta.json / tokenizer files when the run has them)
+                  (and model.json / meta.json / tokenizer files when the run has them). From a DeepSpeed
+                  run (any ZeRO stage), OUT_DIR is a whole eager checkpoint: the consolidated fp32 params,
+                  optimizer.safetensors, state.json and manifest.json, so `--resume=OUT_DIR` continues or
+                  evaluates it on the eager or DDP engine.
     hf            a Hugging Face GPT-2 directory (GPT runs): see thcore/interop/hf_gpt2.py
 
 The checkpoint is the best one when evals recorded it, else the latest; `checkpoint` names another
@@ -24,10 +27,15 @@ def export_safetensors(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
         checkpoint = run_dir
     ckpt = hf_gpt2.run_checkpoint(run, checkpoint)
     weights = os.path.join(ckpt, "model.safetensors")
-    if not os.path.isfile(weights):
+    if not os.path.isfile(weights) and os.path.isfile(os.path.join(ckpt, "latest")):
+        from .engines import deepspeed   # a DeepSpeed checkpoint: consolidated into an eager one
+        deepspeed.require_deepspeed()
+        deepspeed.export(ckpt, out_dir)
+    elif not os.path.isfile(weights):
         raise ConfigError(f"{ckpt}: no model.safetensors")
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copyfile(weights, os.path.join(out_dir, "model.safetensors"))
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copyfile(weights, os.path.join(out_dir, "model.safetensors"))
     for name in _RUN_FILES:
         if os.path.isfile(os.path.join(run, name)):
             shutil.copyfile(os.path.join(run, name), os.path.join(out_dir, name))

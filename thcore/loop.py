@@ -1,4 +1,5 @@
 """The fit loop: batches -> engine.step -> log / eval / checkpoint. Reads top to bottom."""
+import contextlib
 import os
 import signal
 import time
@@ -78,7 +79,9 @@ def fit(cfg, task, engine, log=print):
         task.save_assets(run_dir)
     metrics = Metrics(run_dir, main, resume_step=state.step if resumed_from else None)
 
-    say(f"model: {type(state.model).__name__}, {num_params(state.params):,} parameters | engine {engine.name} "
+    # an engine that partitions the params (DeepSpeed ZeRO-3) counts them itself
+    n_params = engine.num_params(state) if hasattr(engine, "num_params") else num_params(state.params)
+    say(f"model: {type(state.model).__name__}, {n_params:,} parameters | engine {engine.name} "
         f"on {engine.device} x {engine.world_size} | precision {cfg.precision}")
     say(task.summary)
     say(f"global batch: {cfg.batch_size} x {engine.world_size} ranks x {cfg.grad_accum} accum = "
@@ -87,7 +90,9 @@ def fit(cfg, task, engine, log=print):
         say(f"resumed from {resumed_from} at step {state.step}")
 
     def evaluate(state, split="valid"):
-        res = task.evaluate(state, engine, split)
+        # an engine whose params are partitioned (DeepSpeed ZeRO-3) hands evaluation a state with whole params
+        with engine.eval_state(state) if hasattr(engine, "eval_state") else contextlib.nullcontext(state) as s:
+            res = task.evaluate(s, engine, split)
         if res and state.ema is not None:   # the EMA params on the same split, as ema_<metric>
             ema = task.evaluate(research.ema_state(state), engine, split)
             res = {**res, **{f"ema_{k}": v for k, v in ema.items()}}

@@ -6,9 +6,9 @@ normalisation is kept exactly: the summed token loss of a step is divided by the
 multiplied by grad_accum x world_size, which DeepSpeed divides out again (it averages over micro-batches and ranks).
 With fp32 and powers of two these factors are exact: the gradients are the eager engine's.
 
-    TrainState.params      the live parameters of the module DeepSpeed trains (at ZeRO-3, partitioned
-                           `nn.Parameter`s that DeepSpeed gathers layer by layer inside each forward: evaluation
-                           runs the model's own submodules, so it never holds the whole model)
+    TrainState.params      the live parameters of the module DeepSpeed trains (at ZeRO-3 partitioned
+                           `nn.Parameter`s, gathered layer by layer inside each forward; evaluation gets whole
+                           ones through `eval_state`, which the loop asks for)
     TrainState.opt_state   {} (DeepSpeed owns the optimizer state; it is in its checkpoint files)
 
 Checkpoints: DeepSpeed's own layout (`latest`, the tag directory `global_step<N>/` with every rank's shards,
@@ -16,6 +16,8 @@ Checkpoints: DeepSpeed's own layout (`latest`, the tag directory `global_step<N>
 directory is renamed into place and named by `checkpoints/latest` as for every engine. `th.py export` turns one
 into an eager checkpoint (`consolidate` below). The run directory must be on a filesystem every node sees.
 """
+import contextlib
+import copy
 import datetime
 import gc
 import json
@@ -34,7 +36,6 @@ from ..step import IGNORE, dropout_seed, loss_fn
 from .ddp import backend_and_device, check_torchrun_env
 
 INSTALL_HINT = "pip install 'torch-handle[deepspeed]' (or pip install deepspeed)"
-_PRECISION = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
 
 
 def require_deepspeed():
@@ -50,7 +51,7 @@ def require_deepspeed():
 
 # -- the DeepSpeed config -----------------------------------------------------------------------------------
 
-def _offload(cfg, what: str) -> dict:
+def _offload(cfg) -> dict:
     if cfg.offload == "cpu":
         return {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {"device": "nvme", "nvme_path": cfg.nvme_path, "pin_memory": torch.cuda.is_available()}
@@ -64,9 +65,9 @@ def build_config(cfg, world_size: int) -> dict:
         raise ConfigError(f"offload='nvme': needs zero_stage=3 (ZeRO-Infinity), not zero_stage={cfg.zero_stage}")
     zero = {"stage": cfg.zero_stage}
     if cfg.offload != "none":
-        zero["offload_optimizer"] = _offload(cfg, "optimizer")
+        zero["offload_optimizer"] = _offload(cfg)
         if cfg.zero_stage == 3:
-            zero["offload_param"] = _offload(cfg, "param")
+            zero["offload_param"] = _offload(cfg)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -109,11 +110,25 @@ def user_config(cfg, world_size: int) -> dict:
     return ds
 
 
+def _check_nvme(ds: dict):
+    """NVMe offload swaps through DeepSpeed's async_io op, which builds only where libaio is installed."""
+    zero = ds.get("zero_optimization", {})
+    if not any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_optimizer", "offload_param")):
+        return
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().get_op_builder("AsyncIOBuilder")
+    if builder is None or not builder().is_compatible(verbose=False):
+        raise ConfigError("offload='nvme': DeepSpeed's async_io op cannot be built on this machine: it needs libaio "
+                          "(apt install libaio-dev; `ds_report` shows async_io as compatible once it is)")
+
+
 def check(cfg, world_size: int) -> dict:
-    """Fail early (before any process starts) on a missing DeepSpeed or a contradicting config; returns the
-    DeepSpeed config the run will use."""
+    """Fail early (before any process starts) on a missing DeepSpeed, a contradicting config or an NVMe offload
+    this machine cannot do; returns the DeepSpeed config the run will use."""
     require_deepspeed()
-    return user_config(cfg, world_size) if cfg.deepspeed_config else build_config(cfg, world_size)
+    ds = user_config(cfg, world_size) if cfg.deepspeed_config else build_config(cfg, world_size)
+    _check_nvme(ds)
+    return ds
 
 
 def make_optimizer(cfg, model: nn.Module, ds_config: dict):
@@ -158,8 +173,14 @@ class DeepSpeedEngine:
         self.is_main = self.rank == 0
         self.ds_config = check(cfg, self.world_size)
         backend, self.device = backend_and_device(cfg.device, self.local_rank)
+        if self.device.type == "cpu" and self.ds_config.get("fp16", {}).get("enabled"):
+            raise ConfigError("precision='fp16': DeepSpeed's CPU accelerator has no fp16 (\"Type fp16 is not supported "
+                              "on your device\"); use precision='bf16' on CPU, or fp16 on a GPU")
+        if cfg.compile:
+            raise ConfigError("compile=True: not supported with engine='deepspeed' (use eager or ddp)")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self._own_group = not dist.is_initialized()   # a caller's process group outlives this engine
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         self.engine = None
         if self.is_main:
@@ -178,6 +199,10 @@ class DeepSpeedEngine:
                 p.copy_(state.params[k])
             for k, b in model.named_buffers():
                 b.copy_(state.buffers[k])
+        # the model's definition without tensors (on the meta device): ZeRO-3 evaluates through it (eval_state)
+        self._twin = copy.deepcopy(model, {id(t): nn.Parameter(t.to("meta"), t.requires_grad) if
+                                           isinstance(t, nn.Parameter) else t.to("meta")
+                                           for t in [*model.parameters(), *model.buffers()]})
         opt, groups = make_optimizer(self.cfg, model, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=LossModule(model, state.options.label_smoothing),
                                                optimizer=opt, model_parameters=groups, config=self.ds_config)
@@ -190,14 +215,29 @@ class DeepSpeedEngine:
         return state.replace(model=model, params=dict(model.named_parameters()),
                              buffers=dict(model.named_buffers()), opt_state={}, tx=None)
 
+    @contextlib.contextmanager
+    def eval_state(self, state):
+        """The state evaluation sees. At ZeRO-3 the params are partitioned and DeepSpeed's hooks gather them in
+        every forward, a collective: ranks evaluating different numbers of batches or decoding steps would wait
+        for each other forever. So evaluation gathers every param once (each rank then holds the whole model, in
+        the training dtype) and runs the model's hook-free twin over them, with no collective until it ends."""
+        if self.zero_stage < 3:
+            yield state
+            return
+        import deepspeed
+        params = list(state.params.values())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield state.replace(model=self._twin, params={k: p.data for k, p in state.params.items()})
+
     def num_params(self, state) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in state.params.values())   # ZeRO-3: partitioned
 
     def step(self, state, batch):
         microbatches = batch if isinstance(batch, (list, tuple)) else [batch]
-        if len(microbatches) != self.engine.gradient_accumulation_steps():
-            raise ConfigError(f"grad_accum: the DeepSpeed config accumulates {self.engine.gradient_accumulation_steps()} "
-                              f"micro-batches, the loop gave {len(microbatches)}")
+        gas = self.engine.gradient_accumulation_steps()
+        if len(microbatches) != gas:
+            raise ConfigError(f"grad_accum: the DeepSpeed config accumulates {gas} micro-batches, the loop gave "
+                              f"{len(microbatches)}")
         ntok = sum((mb["targets"] != IGNORE).sum() for mb in microbatches)
         # train_step's normalisation; DeepSpeed divides by grad_accum and averages over ranks: undo both
         scale = (len(microbatches) * self.world_size) / self.reduce_sum(ntok).clamp(min=1).float()
@@ -293,4 +333,90 @@ class DeepSpeedEngine:
             self.engine.destroy()
         self.engine = None
         gc.collect()
-        dist.destroy_process_group()
+        if self._own_group:
+            dist.destroy_process_group()
+
+
+# -- export: a DeepSpeed checkpoint as an eager one -------------------------------------------------------
+
+def _strip(d: dict, names) -> dict:
+    """{pytree name: tensor} for the DeepSpeed names in `names` ('model.' is the LossModule's prefix)."""
+    return {k[len("model."):]: d[k].detach().float().contiguous().clone() for k in names}
+
+
+def consolidate(ckpt: str) -> tuple[dict, dict, dict]:
+    """(params, flat optimizer state, meta) of DeepSpeed checkpoint dir `ckpt`, any stage and world size, fp32:
+    what an eager checkpoint holds. ZeRO 1-3 through DeepSpeed's zero_to_fp32 reconstruction (exact), applied
+    to the fp32 master partitions and to each optimizer moment (which DeepSpeed partitions the same way)."""
+    import contextlib
+    import io
+
+    from deepspeed.utils import zero_to_fp32 as z
+    with open(os.path.join(ckpt, "latest")) as f:
+        tag_dir = os.path.join(ckpt, f.read().strip())
+    with open(os.path.join(ckpt, "state.json")) as f:
+        meta = json.load(f)
+    optim_files = sorted(n for n in os.listdir(tag_dir) if n.endswith("_optim_states.pt"))
+    if not optim_files:   # stage 0 in fp32: the module and a torch optimizer's state_dict, whole
+        sd = torch.load(z.get_model_state_file(tag_dir, 0), map_location="cpu", weights_only=False)
+        seen, names = set(), []
+        for k, t in sd["module"].items():   # parameters once (tied ones share storage), in module order
+            if k not in sd["buffer_names"] and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                names.append(k)
+        params = _strip(sd["module"], names)
+        order = [k[len("model."):] for k in names]
+        decay, no_decay = _groups({k: params[k] for k in order})   # the groups make_optimizer built
+        flat_names = decay + no_decay
+        opt = {}
+        for i, st in sd["optimizer"]["state"].items():
+            for key, v in st.items():
+                opt[f"{key}/{flat_names[i]}"] = torch.as_tensor(v, dtype=torch.float32).clone()
+        return params, opt, meta
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # it narrates
+        model_states = z.parse_model_states(z.get_model_state_files(tag_dir))
+        osd = [torch.load(os.path.join(tag_dir, f), map_location="cpu", weights_only=False)["optimizer_state_dict"]
+               for f in sorted(optim_files, key=z.natural_keys)]
+        stage = int(osd[0].get("zero_stage", 1))   # bf16 at stage 0 keeps ZeRO-1's layout (BF16_Optimizer)
+        world = osd[0]["partition_count"]
+        world = max(world) if isinstance(world, list) else world
+        fp32_key, inner_key = (("single_partition_of_fp32_groups", "base_optimizer_state") if stage <= 2
+                               else ("fp32_flat_groups", "optimizer_state_dict"))
+
+        def merge(flat_groups):   # [rank][group] flat partitions -> {DeepSpeed name: tensor}
+            if stage <= 2:
+                sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False,
+                                                                  osd[0].get("param_alignment_paddings"))
+            else:
+                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+            return z.to_torch_tensor(sd)
+
+        names = [k for shapes in model_states[0].param_shapes for k in shapes]
+        params = _strip(merge([o[fp32_key] for o in osd]), names)
+        states = [o[inner_key]["state"] for o in osd]   # per rank: {group: {exp_avg: flat, ..., step}}
+        opt = {}
+        for key, v in states[0][0].items():
+            if torch.is_tensor(v) and v.dim() == 1:
+                moment = _strip(merge([[s[g][key] for g in sorted(s)] for s in states]), names)
+                opt.update({f"{key}/{k}": t for k, t in moment.items()})
+            else:   # the step count: one per group in DeepSpeed, one per param in our optimizer state
+                opt.update({f"{key}/{k}": torch.tensor(float(v), dtype=torch.float32) for k in params})
+    return params, opt, meta
+
+
+def export(ckpt: str, out_dir: str) -> None:
+    """Write `out_dir` as an eager checkpoint (model.safetensors, optimizer.safetensors, state.json, manifest):
+    the eager and DDP engines resume or evaluate it with --resume=OUT_DIR, without DeepSpeed."""
+    from safetensors.torch import save_file
+    params, opt, meta = consolidate(ckpt)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(params, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(opt, os.path.join(out_dir, "optimizer.safetensors"), metadata={"format": "pt"})
+    files = {"model.safetensors": None, "optimizer.safetensors": None, "state.json": None}
+    with open(os.path.join(out_dir, "state.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    for n in files:
+        p = os.path.join(out_dir, n)
+        files[n] = {"size": os.path.getsize(p), "sha256": checkpoint._sha256(p)}
+    with open(os.path.join(out_dir, checkpoint.MANIFEST), "w") as f:
+        json.dump({"files": files}, f, indent=2, sort_keys=True)

@@ -148,9 +148,23 @@ def load_gpt(path: str, checkpoint: str = "") -> tuple[dict, dict, str]:
         args = json.load(f)
     ckpt = run_checkpoint(run_dir, checkpoint)
     weights = os.path.join(ckpt, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise ConfigError(f"{ckpt}: no model.safetensors (a DeepSpeed checkpoint? export it to safetensors first)")
-    return args, load_file(weights), ckpt
+    if os.path.isfile(weights):
+        return args, load_file(weights), ckpt
+    if os.path.isfile(os.path.join(ckpt, "latest")):   # a DeepSpeed checkpoint (its own tag dir inside)
+        from ..engines import deepspeed   # only here: reading it needs DeepSpeed's zero_to_fp32
+        deepspeed.require_deepspeed()
+        params, _, _ = deepspeed.consolidate(ckpt)
+        return args, params, ckpt
+    raise ConfigError(f"{ckpt}: no model.safetensors")
+
+
+def tokenizer_dir_of(path: str) -> str | None:
+    """Where the tokenizer of a run / export / prepared directory lives (its meta.json or vocab.json), if any."""
+    path = run_of(path)
+    for name in (lm_data.META, "vocab.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            return path
+    return None
 
 
 def run_of(path: str) -> str:
