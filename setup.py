@@ -10,6 +10,6 @@ setup(
                       "tokenizers>=0.15", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40"],
     },
 )
