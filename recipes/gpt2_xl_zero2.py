@@ -5,8 +5,8 @@
     python th.py run recipes/gpt2_xl_zero2.py --init_from=/path/to/hf/gpt2-xl [--nproc=8]
 
 micro-batch 1 x grad accumulation 32 per rank, lr 3e-5 constant, a 1024-token context, bf16. ZeRO-2 partitions
-gradients and optimizer state over the ranks; overlap_comm and contiguous_gradients are the DeepSpeed
-engine's defaults. Without --init_from the 1.5B model starts from random weights (an engine test, not a
+gradients and optimizer state over the ranks; the engine turns on contiguous_gradients and (on GPUs)
+overlap_comm for stages >= 2. Without --init_from the 1.5B model starts from random weights (an engine test, not a
 fine-tune). A Hugging Face directory (config.json + model.safetensors) is read offline: nothing is downloaded.
 """
 import attrs

@@ -64,6 +64,9 @@ def build_config(cfg, world_size: int) -> dict:
     if cfg.offload == "nvme" and cfg.zero_stage != 3:
         raise ConfigError(f"offload='nvme': needs zero_stage=3 (ZeRO-Infinity), not zero_stage={cfg.zero_stage}")
     zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:   # reduce gradients into one contiguous buffer, overlapped with backward on a side
+        zero["contiguous_gradients"] = True   # stream (CUDA only: the CPU accelerator has no streams to overlap)
+        zero["overlap_comm"] = torch.cuda.is_available()
     if cfg.offload != "none":
         zero["offload_optimizer"] = _offload(cfg)
         if cfg.zero_stage == 3:
@@ -298,6 +301,10 @@ class DeepSpeedEngine:
         if self.is_main:
             for p in paths:
                 try:
+                    if not checkpoint.inside_run(p, self.cfg.run_dir):   # the one place we unpickle: our own files
+                        raise checkpoint.CheckpointError(
+                            f"{p}: not loaded: DeepSpeed's shard files are pickles, loaded only from this run's own "
+                            f"{checkpoint.root_of(self.cfg.run_dir)}/ (copy it there if you trust it)")
                     checkpoint.verify(p)
                     if not os.path.isfile(os.path.join(p, "latest")):
                         raise checkpoint.CheckpointError(f"{p}: not a DeepSpeed checkpoint (written by another "
