@@ -2,10 +2,12 @@
 """torch-handle command line (fire).
 
     python th.py run recipes/single_translation.py [--field=value ...]
-    python th.py bench [--steps=30 ...]     # functional core vs. a plain nn.Module + torch.optim loop
+    python th.py bench [--model=gpt2 --n_layer=4 ... --against=module,hf --json]   # speed: docs/PERFORMANCE.md
     python th.py prepare --input=text.txt --out=data/x [--tokenizer=char|gpt2 --tokenizer_dir=DIR]
     python th.py generate RUN_DIR [--prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=200]
     python th.py export RUN_DIR OUT_DIR [--format=hf]
+    python th.py translate RUN_DIR [--input=file.txt --beam=5]   # or lines on stdin; translations on stdout
+    python th.py eval RUN_DIR [--split=test --beam=5]            # BLEU / chrF of a translation run's checkpoint
 """
 import fire
 
@@ -19,7 +21,7 @@ def run(recipe: str, **overrides):
     def go():
         cfg, mod = configure(recipe, overrides)
         launcher = getattr(mod, "launcher", "single")
-        if launcher == "single" and cfg.engine == "eager":
+        if launcher == "single" and cfg.engine == "eager" and not cfg.max_restarts:
             from launchers.single import main
             return main(cfg, mod.build)
         from launchers.spawn import nproc, spawn   # ddp / deepspeed: start one process per device under torchrun
@@ -31,7 +33,7 @@ def run(recipe: str, **overrides):
 
 
 def bench(**kwargs):
-    """Time the functional train_step against the same model as a plain nn.Module + torch.optim loop."""
+    """ms/step, tokens/s, MFU and peak memory of our step, against peers (--against=module,hf) in one process."""
     from thcore.bench import main
     guarded(main, **kwargs)
 
@@ -74,5 +76,21 @@ def export(run_dir: str, out_dir: str, format: str = "safetensors", checkpoint: 
     guarded(go)
 
 
+def translate(run_dir: str, input: str = "", beam: int = 0, checkpoint: str = "", device: str = "cpu",
+              batch_size: int = 0):
+    """Translate the lines of --input (or stdin) with a translation run's latest checkpoint (--checkpoint=best
+    or a checkpoint dir for another); --beam=1 is greedy, 0 the run's test_beam. Only translations go to stdout."""
+    from thcore.translate import translate_main
+    guarded(translate_main, run_dir, str(input), int(beam), str(checkpoint), str(device), int(batch_size))
+
+
+def evaluate(run_dir: str, split: str = "test", beam: int = 0, checkpoint: str = "", device: str = "cpu"):
+    """BLEU, chrF (sacrebleu, detokenized), loss and exact match of a translation run's checkpoint on one split
+    of its data, as one JSON line on stdout; --beam=0 is the run's test_beam (test) or eval_beam (valid)."""
+    from thcore.translate import eval_main
+    guarded(eval_main, run_dir, str(split), int(beam), str(checkpoint), str(device))
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "bench": bench, "prepare": prepare, "generate": generate, "export": export})
+    fire.Fire({"run": run, "bench": bench, "prepare": prepare, "generate": generate, "export": export,
+               "translate": translate, "eval": evaluate})

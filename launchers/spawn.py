@@ -1,5 +1,9 @@
 """`python th.py run RECIPE` for engines that run one process per device: start torchrun on this machine around
-launchers/multinode.py (one process per GPU, or `nproc` gloo processes on CPU) and exit with its status."""
+launchers/multinode.py (one process per GPU, or `nproc` gloo processes on CPU) and exit with its status.
+
+`--max_restarts=N` becomes torchrun's `--max-restarts=N`: when a worker dies, torchrun restarts the whole group and
+every worker resumes from the latest complete checkpoint (resume="auto"). An eager run with max_restarts > 0 also
+runs under torchrun, as one process around launchers/single.py, to get the same supervision."""
 import os
 import signal
 import socket
@@ -28,26 +32,31 @@ def _arg(k, v) -> str:
     return f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
 
 
-def command(recipe: str, n: int, overrides: dict, port: int) -> list[str]:
+def command(recipe: str, n: int, overrides: dict, port: int, max_restarts: int = 0,
+            script: str = "multinode.py") -> list[str]:
     # `nproc` is spent here; passed on, torchrun's argparse would also take `--nproc=` for a prefix of its own
-    # --nproc-per-node (ambiguous) even after the script name
-    fields = {k: v for k, v in overrides.items() if k != "nproc"}
+    # --nproc-per-node (ambiguous) even after the script name. `max_restarts` is spent here too.
+    fields = {k: v for k, v in overrides.items() if k not in ("nproc", "max_restarts")}
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, "launchers", "multinode.py"),
-            "--recipe", recipe, *(_arg(k, v) for k, v in fields.items())]
+            "--master_addr=127.0.0.1", f"--master_port={port}", f"--max-restarts={max_restarts}",
+            os.path.join(ROOT, "launchers", script), "--recipe", recipe, *(_arg(k, v) for k, v in fields.items())]
 
 
 def spawn(recipe: str, cfg, overrides: dict):
+    script = "multinode.py"
     if cfg.engine == "eager":   # a multi-process recipe asked to run eagerly: that is one process, here
-        from launchers.single import main
-        from thcore.recipe import load
-        return main(cfg, load(recipe).build)
-    n = nproc(cfg, overrides)
+        if not cfg.max_restarts:
+            from launchers.single import main
+            from thcore.recipe import load
+            return main(cfg, load(recipe).build)
+        script = "single.py"   # one process, supervised by torchrun
+    n = 1 if script == "single.py" else nproc(cfg, overrides)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))   # share the cores, no oversubscription
     # its own session: a terminal's Ctrl-C reaches torchrun once, through us; torchrun passes it to each worker
     # (each in its own session too), whose first SIGINT/SIGTERM means "checkpoint and stop" (loop.py)
-    proc = subprocess.Popen(command(recipe, n, overrides, _free_port()), env=env, start_new_session=True)
+    proc = subprocess.Popen(command(recipe, n, overrides, _free_port(), cfg.max_restarts, script), env=env,
+                            start_new_session=True)
     received = []
 
     def forward(signum, frame):

@@ -12,8 +12,12 @@ pruning keeps it.
 
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then named by
 `latest` (itself replaced atomically): a crash at any point leaves the previous checkpoint intact and named.
+Re-saving a step swaps the new directory in with one atomic exchange; pruning renames a directory away before
+deleting it, so no half-deleted `step_<N>` is ever visible. Leftovers of a killed save are swept by the next one.
 Loading checks the manifest and falls back to the previous complete checkpoint when a file is damaged.
 """
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -54,6 +58,33 @@ def _write_json(path: str, obj):
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directories atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(final: str, e: BaseException) -> str:
+    """One line for a failed write; a full disk says what to do (safetensors reports its I/O errors as text)."""
+    code = getattr(e, "errno", None)
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+    full = code in _DISK_FULL or any(f"os error {c})" in str(e) for c in _DISK_FULL)
+    hint = ("; the disk is full: free space or lower keep_checkpoints (older checkpoints are pruned only after a "
+            "new one is complete)") if full else ""
+    return f"could not write checkpoint {final}: {text}{hint}; the previous checkpoint is intact"
+
+
 def write_dir(final: str, writers: dict) -> None:
     """Create directory `final` atomically: each `writers[name](path)` writes one file into a temporary
     directory, a manifest with sizes and checksums is added, everything is fsynced, then it is renamed."""
@@ -74,19 +105,20 @@ def write_dir(final: str, writers: dict) -> None:
         _write_json(os.path.join(tmp, MANIFEST), {"files": files})
         _fsync(os.path.join(tmp, MANIFEST))
         _fsync(tmp)
-        if os.path.exists(final):   # re-saving the same step: move the old one aside, then drop it
+        if not os.path.exists(final):
+            os.rename(tmp, final)
+        elif _exchange(tmp, final):   # re-saving the same step: one atomic swap, then the old one (now tmp) goes
+            shutil.rmtree(tmp)
+        else:   # no renameat2: a crash between these two renames leaves `final` missing (loading falls back)
             old = f"{tmp}.old"
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
         _fsync(parent)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise CheckpointError(_write_failure(final, e)) from e
         raise
 
 
@@ -122,7 +154,7 @@ def candidates(root: str) -> list[str]:
         return []
     steps = sorted((n for n in os.listdir(root) if _step_of(n) >= 0), key=_step_of, reverse=True)
     try:
-        with open(os.path.join(root, "latest")) as f:
+        with open(os.path.join(root, "latest"), errors="replace") as f:   # garbage bytes name nothing
             named = f.read().strip()
         if named in steps:
             steps.remove(named)
@@ -132,6 +164,28 @@ def candidates(root: str) -> list[str]:
     return [os.path.join(root, n) for n in steps]
 
 
+_TEMP = (".tmp-", ".latest-", ".prune-")   # what write_dir, save and pruning leave behind when killed
+
+
+def _sweep(root: str) -> None:
+    """Remove what a killed save left (one writer per run directory: anything temporary now is stale)."""
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(_TEMP):
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def _check_space(root: str, final: str, need: int) -> None:
+    """Fail before writing anything when the checkpoint cannot fit (the write itself would fail half-way)."""
+    os.makedirs(root, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if need + (1 << 20) > free:   # 1 MiB for the JSON files and the filesystem's own blocks
+        raise CheckpointError(f"not enough disk space for checkpoint {final}: it needs about {need / 2**20:.1f} MiB, "
+                              f"{free / 2**20:.1f} MiB are free; free space or lower keep_checkpoints (older "
+                              "checkpoints are pruned only after a new one is complete); the previous checkpoint "
+                              "is intact")
+
+
 def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True,
          files: dict | None = None) -> str:
     """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`.
@@ -139,6 +193,7 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
     `files`: more {name: write(path)} entries for write_dir (the DeepSpeed engine moves its own files in)."""
     root = root_of(run_dir)
     final = os.path.join(root, f"step_{state.step}")
+    _sweep(root)
     meta = {**state.meta(), **(extra or {})}
     writers = {"state.json": lambda p: _write_json(p, meta)}
     if write_tensors:
@@ -149,6 +204,8 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
         if state.ema is not None:
             ema = {k: v.detach().contiguous().cpu() for k, v in state.ema.items()}
             writers["ema.safetensors"] = lambda p: save_file(ema, p, metadata={"format": "pt"})
+        _check_space(root, final, sum(t.nbytes for d in (params, opt, ema if state.ema is not None else {})
+                                      for t in d.values()))
     write_dir(final, {**writers, **(files or {})})
     tmp = os.path.join(root, f".latest-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -159,8 +216,13 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
     # the best checkpoint (its step is recorded in every state.json as `best_step`) outlives the pruning
     protect = f"step_{meta['best_step']}" if meta.get("best_step") is not None else None
     for old in candidates(root)[keep:]:
-        if os.path.basename(old) != protect:
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.basename(old) != protect:   # renamed away first: a kill mid-delete leaves no partial step_<N>
+            gone = os.path.join(root, f".prune-{os.path.basename(old)}-{os.getpid()}")
+            try:
+                os.rename(old, gone)
+            except OSError:   # already gone
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
     return final
 
 
@@ -179,7 +241,10 @@ def best(run_dir: str) -> str | None:
 
 
 def _load_tensors(path: str, like: dict, what: str) -> dict:
-    loaded = load_file(path)
+    try:   # safetensors parses a header and copies bytes: a pickle under this name is refused, never run
+        loaded = load_file(path)
+    except Exception as e:   # SafetensorError (bad header, truncated data), OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
     missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
     if missing or unexpected:
         name = sorted(missing or unexpected)[0]
@@ -201,8 +266,13 @@ def load_params(ckpt: str, like: dict) -> dict:
 def load(state, ckpt: str):
     """`state` with params, optimizer state and metadata from checkpoint dir `ckpt` (verified first)."""
     verify(ckpt)
-    with open(os.path.join(ckpt, "state.json")) as f:
-        meta = json.load(f)
+    path = os.path.join(ckpt, "state.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        state.with_meta(meta)   # the fields it needs are there and have the right types
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid state.json ({e.__class__.__name__}: {e})") from None
     params = load_params(ckpt, state.params)
     opt = tree.unflatten(_load_tensors(os.path.join(ckpt, "optimizer.safetensors"),
                                        tree.flatten(state.opt_state), "optimizer tensor"))
@@ -211,6 +281,13 @@ def load(state, ckpt: str):
         path = os.path.join(ckpt, "ema.safetensors")
         ema = _load_tensors(path, state.ema, "ema param") if os.path.isfile(path) else tree.clone(params)
     return state.replace(params=params, opt_state=opt, ema=ema).with_meta(meta), meta
+
+
+def inside_run(ckpt: str, run_dir: str) -> bool:
+    """Is checkpoint dir `ckpt` one of `run_dir`'s own (symlinks resolved)? DeepSpeed's shard files are pickles,
+    loaded only from there (docs/RELIABILITY.md)."""
+    root = os.path.realpath(root_of(run_dir))
+    return os.path.realpath(ckpt).startswith(root + os.sep)
 
 
 def resolve(resume: str, run_dir: str) -> list[str]:

@@ -5,6 +5,7 @@ Every problem is reported as one `ConfigError` line that names the field, before
 """
 import difflib
 import json
+import os
 import types
 import typing
 
@@ -22,17 +23,26 @@ def _choice(*allowed):
     return check
 
 
+def _number(attr, value):
+    """Range validators run before __attrs_post_init__'s type check: a string must not reach `<`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{attr.name}={value!r}: expected a number")
+
+
 def _positive(inst, attr, value):
-    if value is None or value <= 0:
+    _number(attr, value)
+    if value <= 0:
         raise ConfigError(f"{attr.name}={value!r}: must be > 0")
 
 
 def _non_negative(inst, attr, value):
-    if value is None or value < 0:
+    _number(attr, value)
+    if value < 0:
         raise ConfigError(f"{attr.name}={value!r}: must be >= 0")
 
 
 def _unit(inst, attr, value):
+    _number(attr, value)
     if not 0.0 <= value < 1.0:
         raise ConfigError(f"{attr.name}={value!r}: must be in [0, 1)")
 
@@ -69,12 +79,23 @@ class Config:
     precision: str = attrs.field(default="fp32", validator=_choice("fp32", "bf16", "fp16"))
     compile: bool = False
     activation_checkpointing: bool = False
+    # speed switches (docs/PERFORMANCE.md; eager engine): each also runs on CPU, as a no-op or its CPU equivalent
+    ce_chunk: int = attrs.field(default=0, validator=_non_negative)   # > 0: output layer + loss fused, in chunks
+    sdpa_backend: str = attrs.field(default="auto", validator=_choice("auto", "flash", "efficient", "cudnn", "math"))
+    cuda_graphs: bool = False               # compile with CUDA graphs (mode="reduce-overhead"); implies compile
+    optimizer_impl: str = attrs.field(default="auto", validator=_choice("auto", "fused", "foreach", "for_loop"))
+    profile: bool = False                   # torch.profiler traces + summary under <run dir>/profile (rank 0)
+    profile_steps: int = attrs.field(default=10, validator=_positive)
     # logging, eval, checkpoints
     log_every: int = attrs.field(default=10, validator=_positive)
     eval_every: int = attrs.field(default=0, validator=_non_negative)   # 0 = at the end of each epoch
     checkpoint_every: int = attrs.field(default=0, validator=_non_negative)   # steps; 0 = at eval and at the end
     keep_checkpoints: int = attrs.field(default=3, validator=_positive)
     resume: str = "auto"                    # auto | never | PATH to a run dir or checkpoint
+    # fault tolerance (docs/RELIABILITY.md)
+    checkpoint_every_s: float = attrs.field(default=0.0, validator=_non_negative)   # seconds; 0 = off
+    nan_policy: str = attrs.field(default="skip", validator=_choice("skip", "stop"))   # a non-finite step
+    max_restarts: int = attrs.field(default=0, validator=_non_negative)   # th.py run: torchrun --max-restarts
     # research probes (thcore/research.py)
     ema_decay: float = attrs.field(default=0.0, validator=_unit)   # > 0: EMA of the params, evaluated and saved
     log_grad_noise: bool = False            # train lines get the gradient noise scale from per-example gradients
@@ -93,6 +114,13 @@ class Config:
     nvme_path: str = "/tmp/thcore_nvme"     # offload="nvme" swap directory
 
     def __attrs_post_init__(self):
+        # types first, also for configs built in code (from_dict already coerced CLI/JSON values): a range check
+        # on a string would fail with a TypeError instead of one line naming the field
+        for f in attrs.fields(type(self)):
+            if f.type in (int, float, bool):
+                setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+            elif f.type is str and not isinstance(getattr(self, f.name), str):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected str")
         # A recipe that re-declares a field to change its default drops the base class's attrs validator:
         # run every validator declared for the field anywhere in the class hierarchy.
         for klass in type(self).__mro__[1:]:
@@ -106,6 +134,23 @@ class Config:
         """Cross-field checks; subclasses extend (attrs validators check single fields)."""
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("resume='': must be 'auto', 'never' or a path")
+        if self.resume not in ("auto", "never") and not os.path.exists(self.resume):
+            raise ConfigError(f"resume={self.resume!r}: no such file or directory (or use 'auto' / 'never')")
+        if self.checkpoint_every and self.checkpoint_every_s:
+            raise ConfigError(f"checkpoint_every_s={self.checkpoint_every_s:g}: set either checkpoint_every (steps) "
+                              f"or checkpoint_every_s (seconds), not both (checkpoint_every={self.checkpoint_every})")
+        if not self.name:
+            raise ConfigError("name='': must not be empty (it names the run directory runs/<name>)")
+        if self.engine != "eager":   # DDP and DeepSpeed run the module's own forward: these would be ignored
+            for f, default in (("ce_chunk", 0), ("sdpa_backend", "auto"), ("cuda_graphs", False)):
+                if getattr(self, f) != default:
+                    raise ConfigError(f"{f}={getattr(self, f)!r}: only used with engine='eager', not "
+                                      f"engine={self.engine!r}")
+        if self.engine != "deepspeed":   # DeepSpeed-only fields would be silently ignored
+            for f, default in (("zero_stage", 0), ("offload", "none"), ("deepspeed_config", "")):
+                if getattr(self, f) != default:
+                    raise ConfigError(f"{f}={getattr(self, f)!r}: only used with engine='deepspeed', not "
+                                      f"engine={self.engine!r}")
 
     @property
     def run_dir(self) -> str:

@@ -18,7 +18,7 @@ from .interop import hf_gpt2
 
 FORMATS = ("safetensors", "hf")
 _RUN_FILES = ("config.json", hf_gpt2.MODEL_JSON, "meta.json", "vocab.json", "merges.txt",
-              "vocab.src.json", "vocab.tgt.json")
+              "vocab.src.json", "vocab.tgt.json", "vocab.joint.json")
 
 
 def export_safetensors(run_dir: str, out_dir: str, checkpoint: str = "") -> str:

@@ -7,11 +7,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, research
+from . import checkpoint, faults, research
 from .config import ConfigError
-from .data.loader import to_device
+from .data.loader import device_batches
 from .func import num_params
 from .metrics import Metrics
+from .perf import mfu_fields, step_flops
+from .profiler import Profiler
 
 
 class Interrupted(KeyboardInterrupt):
@@ -55,6 +57,7 @@ def _write_config(cfg, run_dir):
 def fit(cfg, task, engine, log=print):
     """Train `task` with `engine` as `cfg` says; resumes from the run directory's latest checkpoint."""
     run_dir, main = cfg.run_dir, engine.is_main
+    fit_start = time.perf_counter()   # metrics lines carry time_s, seconds since here
     say = (lambda *a, **k: tqdm.write(" ".join(map(str, a)))) if main else (lambda *a, **k: None)
     if main:
         _write_config(cfg, run_dir)
@@ -75,9 +78,13 @@ def fit(cfg, task, engine, log=print):
     patience = getattr(cfg, "early_stop_patience", 0)
     always_save = getattr(cfg, "always_save_checkpoint", True)
     best_step, stale = (meta or {}).get("best_step"), int((meta or {}).get("stale_evals", 0))
+    # a time budget (the translation config's max_minutes): the task's clock, carried across resumes
+    clock = getattr(task, "clock", None)
+    if clock is not None and meta:
+        clock.resume(meta.get("elapsed_s", 0.0))
     if main:
         task.save_assets(run_dir)
-    metrics = Metrics(run_dir, main, resume_step=state.step if resumed_from else None)
+    metrics = Metrics(run_dir, main, resume_step=state.step if resumed_from else None, start=fit_start)
 
     # an engine that partitions the params (DeepSpeed ZeRO-3) counts them itself
     n_params = engine.num_params(state) if hasattr(engine, "num_params") else num_params(state.params)
@@ -102,8 +109,11 @@ def fit(cfg, task, engine, log=print):
         return res
 
     def save(state):
+        nonlocal last_save_t
+        last_save_t = time.monotonic()   # checkpoint_every_s counts from the start of the last save
         return engine.save(state, run_dir, keep=cfg.keep_checkpoints,
-                           extra={"epoch": state.data["epoch"], "best_step": best_step, "stale_evals": stale})
+                           extra={"epoch": state.data["epoch"], "best_step": best_step, "stale_evals": stale,
+                                  **({"elapsed_s": clock.elapsed()} if clock is not None else {})})
 
     def judge(state, res):
         """(state, improved): track the best eval loss (lower is better) and the evals since it."""
@@ -128,45 +138,85 @@ def fit(cfg, task, engine, log=print):
             return False
         return engine.reduce_sum(torch.tensor([float(stop.requested)], device=engine.device)).item() > 0
 
+    def save_due(step) -> bool:
+        """checkpoint_every_s: time for a checkpoint? With several ranks they decide together at log steps."""
+        if not cfg.checkpoint_every_s:
+            return False
+        due = time.monotonic() - last_save_t >= cfg.checkpoint_every_s
+        if engine.world_size == 1:
+            return due
+        if step % cfg.log_every:
+            return False
+        return engine.reduce_sum(torch.tensor([float(due)], device=engine.device)).item() > 0
+
+    def out_of_time(step) -> bool:
+        """Past the time budget? Checked at log steps, where the ranks also agree on the time (the schedule
+        reads it: their learning rates must match)."""
+        if clock is None or step % cfg.log_every:
+            return False
+        t = torch.tensor([clock.elapsed()], dtype=torch.float64, device=engine.device)
+        clock.agreed = engine.reduce_sum(t).item() / engine.world_size
+        return clock.agreed >= clock.budget_s
+
     bar = tqdm(total=total, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
-    window = torch.zeros(3, dtype=torch.float64, device=engine.device)   # loss_sum, tokens, steps
+    window = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss_sum, tokens, steps, non-finite
     t0, last_eval, last_save = time.perf_counter(), None, None
+    flops = 0.0   # model FLOPs since the last log line (stays 0 for a model perf.py has no formula for: no mfu)
+    last_save_t, current = time.monotonic(), state.step   # current: the step being run, for error messages
     try:
-        with _GracefulStop() as stop:
-            stopping = agree_stop(stop, state.step)
-            while state.step < total and not stopping and not early_stop():
+        profiler = Profiler(os.path.join(run_dir, "profile"), cfg.profile_steps, enabled=cfg.profile and main,
+                            log=say)
+        with _GracefulStop() as stop, profiler:
+            stopping, timed_out = agree_stop(stop, state.step), False
+            while state.step < total and not stopping and not early_stop() and not timed_out:
                 epoch, start = state.data["epoch"], state.data["index"]
                 group = []
-                for batch in task.train_loader(epoch, start, engine):
-                    group.append(to_device(batch, engine.device))
+                for batch in device_batches(task.train_loader(epoch, start, engine), engine.device):
+                    group.append(batch)
                     if len(group) < cfg.grad_accum:
                         continue
+                    prev, current = state.step, state.step + 1
                     state, m = engine.step(state, group)
+                    profiler.step()
+                    bad = m.get("nonfinite")   # the step kept params and optimizer state (step.train_step)
+                    if cfg.nan_policy == "stop" and bad is not None and bool(bad):   # a host sync, only under "stop"
+                        good = state.replace(step=prev)   # the data cursor is still the one before this step
+                        path = save(good) if last_save != prev else faults.latest(run_dir)
+                        raise faults.nonfinite(cfg, current, path, float(m["loss_sum"]), float(m["grad_norm"]))
                     state = state.replace(data={"epoch": epoch, "index": state.data["index"] + len(group)})
                     trained, group = group, []
-                    window += torch.stack([m["loss_sum"].double(), m["ntokens"].double(), window.new_ones(())])
+                    flops += step_flops(state.model, trained) or 0.0   # from shapes: no device access
+                    row = torch.stack([m["loss_sum"].double(), m["ntokens"].double(), window.new_ones(()),
+                                       window.new_zeros(())])
+                    if bad is not None:   # a skipped step: counted, and kept out of the loss (its loss is NaN/Inf)
+                        row = torch.where(bad, window.new_tensor([0.0, 0.0, 1.0, 1.0]), row)
+                    window += row
                     bar.update(1)
                     s = state.step
                     if s % cfg.log_every == 0 or s == total:
-                        loss_sum, ntok, _ = engine.reduce_sum(window).tolist()   # the only host sync
+                        loss_sum, ntok, _, nonfinite = engine.reduce_sum(window).tolist()   # the only host sync
                         dt = time.perf_counter() - t0
                         probes = research.train_probes(cfg, state, trained) if main else {}   # opt-in, rank 0
                         line = metrics.log(s, "train", loss=loss_sum / max(ntok, 1), lr=m["lr"],
                                            grad_norm=m["grad_norm"].item(), tokens_per_s=ntok / dt, epoch=epoch,
-                                           **probes)
+                                           **(mfu_fields(flops, dt, engine.device, cfg.precision) if main else {}),
+                                           nonfinite_steps=nonfinite / engine.world_size, **probes)
                         bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
                         window.zero_()
+                        flops = 0.0
                         t0 = time.perf_counter()
                     improved = False
                     if cfg.eval_every and s % cfg.eval_every == 0:
                         state, improved = judge(state, evaluate(state))
                         last_eval = s
-                    if (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or improved or \
+                    due = save_due(s)   # every rank asks (a collective at log steps), whatever the others say
+                    if (cfg.checkpoint_every and s % cfg.checkpoint_every == 0) or improved or due or \
                             (not cfg.checkpoint_every and last_eval == s and always_save):
                         save(state)   # an improved eval is always saved: it is the best checkpoint
                         last_save = s
                     stopping = s < total and agree_stop(stop, s)
-                    if s >= total or stopping or early_stop():
+                    timed_out = s < total and out_of_time(s)
+                    if s >= total or stopping or early_stop() or timed_out:
                         break
                 else:   # the epoch ran out: next epoch from its first batch
                     state = state.replace(data={"epoch": epoch + 1, "index": 0})
@@ -182,6 +232,8 @@ def fit(cfg, task, engine, log=print):
                     save(state)
                 say(f"stopped at step {state.step}; run the same command again to resume")
                 raise Interrupted(state.step)
+        if timed_out:
+            say(f"time budget of {cfg.max_minutes:g} min reached at step {state.step}")
         if early_stop():
             say(f"early stop at step {state.step}: no better val loss in {stale} evals "
                 f"(best {state.best:.4f} at step {best_step})")
@@ -191,6 +243,11 @@ def fit(cfg, task, engine, log=print):
         evaluate(state, "test")
         if last_save != state.step or improved:
             save(state)
+    except (RuntimeError, MemoryError) as e:   # out of memory, a lost peer: one line naming the step
+        why = faults.explain(e, cfg, engine.world_size, current)
+        if why is None:
+            raise
+        raise why from e
     finally:
         bar.close()
         metrics.close()

@@ -1,14 +1,19 @@
 """Run metrics: metrics.jsonl (orjson), TensorBoard scalars (tensorboardX) and a tqdm bar; rank 0 only."""
 import math
 import os
+import time
 
 import orjson
 
 
 class Metrics:
-    def __init__(self, run_dir: str, enabled: bool = True, resume_step: int | None = None):
-        """`resume_step`: a resumed run drops the lines logged after its checkpoint, which it will log again."""
+    def __init__(self, run_dir: str, enabled: bool = True, resume_step: int | None = None,
+                 start: float | None = None):
+        """`resume_step`: a resumed run drops the lines logged after its checkpoint, which it will log again.
+        `start`: a time.perf_counter() value; every line carries `time_s`, the seconds since then (the fit
+        loop passes the moment its fit started: curves against wall time)."""
         self.enabled = enabled
+        self.start = time.perf_counter() if start is None else start
         self._file = self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
@@ -24,6 +29,7 @@ class Metrics:
 
     def log(self, step: int, split: str, **values) -> dict:
         """One line `{"step", "split", ...}`; floats only (callers convert tensors at log time)."""
+        values = {**values, "time_s": time.perf_counter() - self.start}
         line = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
         if self.enabled:
             # JSON has no NaN/Infinity: write them as null so every line stays parseable

@@ -5,6 +5,7 @@ which updates `params` and `opt_state` in place with `torch.optim.adamw.adamw` /
 equal to `torch.optim.AdamW` / `SGD`). Weight decay applies to matrices only (dim >= 2), as in nanoGPT.
 """
 import math
+import time
 from typing import Callable
 
 import attrs
@@ -14,7 +15,8 @@ from torch.optim.sgd import sgd
 
 
 def _impl(device: torch.device, impl: str) -> dict:
-    """foreach on CPU, fused on CUDA (one kernel for all params); 'auto' picks by device."""
+    """foreach on CPU, fused on CUDA (one kernel for all params); 'auto' picks by device. 'fused' runs torch's
+    fused kernel on CPU too (torch >= 2.4); 'for_loop' is the reference per-tensor loop."""
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
     return {"fused": impl == "fused", "foreach": impl == "foreach"}
@@ -81,9 +83,10 @@ class SGD:
 
 
 def make_optimizer(cfg):
+    impl = getattr(cfg, "optimizer_impl", "auto")
     if cfg.optimizer == "adamw":
-        return AdamW(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return AdamW(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay, impl=impl)
+    return SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay, impl=impl)
 
 
 def schedule(kind: str, lr: float, warmup_steps: int = 0, total_steps: int = 0,
@@ -103,4 +106,42 @@ def schedule(kind: str, lr: float, warmup_steps: int = 0, total_steps: int = 0,
         if kind == "linear":
             return lr - (lr - min_lr) * frac
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))   # cosine
+    return at
+
+
+class Clock:
+    """Wall-clock seconds a run has trained, across resumes (the loop saves `elapsed()` in state.json and hands
+    it back to `resume`), against a budget of `budget_s` seconds.
+
+    Schedules read `agreed`, the elapsed time the loop sets at log steps (averaged over ranks): every rank
+    then computes the same learning rate, and DDP replicas stay equal."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.offset, self.t0, self.agreed = budget_s, 0.0, time.perf_counter(), 0.0
+
+    def resume(self, elapsed: float):
+        self.offset, self.t0, self.agreed = float(elapsed), time.perf_counter(), float(elapsed)
+
+    def elapsed(self) -> float:
+        return self.offset + time.perf_counter() - self.t0
+
+    def fraction(self) -> float:
+        return min(self.agreed / self.budget_s, 1.0)
+
+
+def timed_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int, clock: Clock,
+                   min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    """`schedule` for a run bounded by a time budget: linear warmup over steps, then cosine / linear decay over
+    the larger of the fraction of steps and the fraction of `clock`'s budget done, so the learning rate reaches
+    its floor when the time runs out on any machine. The rate then depends on the machine's speed: such a run
+    is not bitwise reproducible. constant and inverse_sqrt do not look at the clock."""
+    by_step = schedule(kind, lr, warmup_steps, total_steps, min_lr_ratio)
+    if kind not in ("cosine", "linear"):
+        return by_step
+    min_lr = lr * min_lr_ratio
+
+    def at(s: int) -> float:
+        frac = max(clock.fraction(), min(s / max(total_steps, 1), 1.0))
+        decayed = min_lr + (lr - min_lr) * (1 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac)))
+        return decayed * min(1.0, (s + 1) / warmup_steps) if warmup_steps else decayed
     return at

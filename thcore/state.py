@@ -22,6 +22,16 @@ class StepOptions:
     compile: bool = False            # torch.compile the forward+backward of a micro-batch
     loss_scale_growth_interval: int = 2000
     ema_decay: float = 0.0           # > 0: keep TrainState.ema, an EMA of the params updated after each step
+    # speed switches (docs/PERFORMANCE.md); each runs on CPU too, so CI exercises its code path
+    ce_chunk: int = 0                # > 0: output layer + cross-entropy fused, this many tokens at a time
+    sdpa_backend: str = "auto"       # attention kernel tried first: auto | flash | efficient | cudnn | math
+    cuda_graphs: bool = False        # compile=True with mode="reduce-overhead" (CUDA graphs; nothing to capture on CPU)
+
+
+def speed_options(cfg) -> dict:
+    """The StepOptions fields a run config sets beyond precision/clipping (tasks pass them through)."""
+    return {"compile": cfg.compile, "ce_chunk": cfg.ce_chunk, "sdpa_backend": cfg.sdpa_backend,
+            "cuda_graphs": cfg.cuda_graphs}
 
 
 @attrs.define(kw_only=True)

@@ -11,16 +11,31 @@ import torch
 import torch.nn.functional as F
 
 from . import func, tree
+from .config import ConfigError
+from .losses import linear_cross_entropy
 from .state import TrainState
 
 IGNORE = -100
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0):
+def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0, ce_chunk: int = 0):
     """(sum of token cross-entropies, number of target tokens) of one batch; bf16/fp16 logits are cast to fp32
-    for the loss (fp64 stays fp64: research checks against exact math run the model in double)."""
+    for the loss (fp64 stays fp64: research checks against exact math run the model in double).
+
+    ce_chunk > 0: the output layer and the loss run fused, ce_chunk tokens at a time (thcore/losses.py), on a
+    model that names its output layer (`output_params`) and has `features` (forward without it), as GPT."""
     inputs = {k: v for k, v in batch.items() if k != "targets"}
+    if ce_chunk:
+        if not hasattr(model, "output_params"):
+            raise ConfigError(f"ce_chunk={ce_chunk}: {type(model).__name__} has no output_params/features() "
+                              f"(GPT has); use ce_chunk=0")
+        h = func.apply(model, params, buffers, method="features", **inputs)
+        w, b = model.output_params
+        targets = batch["targets"]
+        loss_sum = linear_cross_entropy(h.flatten(0, -2), params[w], params[b] if b else None, targets.flatten(),
+                                        ce_chunk, label_smoothing, IGNORE)
+        return loss_sum, (targets != IGNORE).sum()
     logits = func.apply(model, params, buffers, **inputs)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = batch["targets"]
@@ -35,16 +50,31 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
+_SDPA = {"flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+         "efficient": ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH"),
+         "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+         "math": ("MATH",)}
+
+
+def sdpa_backend(name: str):
+    """Attention kernels in priority order; SDPA takes the first that accepts the inputs, so a GPU kernel named
+    on a CPU falls through to the CPU's flash kernel (same code path on both). "auto" = torch's own order."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, b) for b in _SDPA[name]], set_priority=True)
+
+
 def dropout_seed(seed: int, step: int, micro: int, stream: int) -> int:
     """A per-(step, micro-batch, rank) seed: a resumed run replays the same dropout masks."""
     return hash((seed, step, micro, stream)) & 0x7FFF_FFFF_FFFF_FFFF   # int tuples hash identically in every process
 
 
-def _micro_grads(model, params, buffers, batch, scale, precision, label_smoothing):
+def _micro_grads(model, params, buffers, batch, scale, precision, label_smoothing, ce_chunk=0):
     """Gradients of `loss_sum * scale` for one micro-batch, through functional_call + autograd.grad."""
     device = next(iter(params.values())).device
     with autocast(precision, device):
-        loss_sum, ntok = loss_fn(model, params, buffers, batch, label_smoothing)
+        loss_sum, ntok = loss_fn(model, params, buffers, batch, label_smoothing, ce_chunk)
     grads = torch.autograd.grad(loss_sum * scale, list(params.values()))
     return grads, loss_sum.detach()
 
@@ -53,23 +83,32 @@ _compiled = {}
 
 
 def _grads_fn(options):
-    if not options.compile:
+    if not options.compile and not options.cuda_graphs:
         return _micro_grads
-    if "fn" not in _compiled:
+    # CUDA graphs: inductor captures the compiled forward+backward and replays it (one launch per graph);
+    # on CPU the mode compiles exactly as the default one
+    mode = "reduce-overhead" if options.cuda_graphs else "default"
+    if mode not in _compiled:
         torch._dynamo.config.trace_autograd_ops = True   # lets dynamo trace autograd.grad in one graph
-        _compiled["fn"] = torch.compile(_micro_grads)
-    return _compiled["fn"]
+        _compiled[mode] = torch.compile(_micro_grads, mode=mode)
+    return _compiled[mode]
 
 
 def local_grads(state: TrainState, microbatches, scale, seeds):
     """Sum over micro-batches of d(loss_sum * scale)/d(params): the eager engine's gradient computation."""
     params = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
-    fn = _grads_fn(state.options)
+    opts = state.options
+    fn = _grads_fn(opts)
     grads, loss_sum = None, 0.0
     for mb, s in zip(microbatches, seeds):
         torch.manual_seed(s)
-        g, ls = fn(state.model, params, state.buffers, mb, scale, state.options.precision,
-                   state.options.label_smoothing)
+        if opts.cuda_graphs:   # the previous replay's outputs were consumed: their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        with sdpa_backend(opts.sdpa_backend):
+            g, ls = fn(state.model, params, state.buffers, mb, scale, opts.precision, opts.label_smoothing,
+                       opts.ce_chunk)
+        if opts.cuda_graphs:   # a replay's outputs live in graph memory that the next replay overwrites
+            g, ls = (g if len(microbatches) == 1 else [t.clone() for t in g]), ls.clone()
         if grads is None:
             grads = list(g)
         else:
@@ -91,6 +130,7 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
     use it; it gives the same numbers without the copy). Engines change only `grads_fn` (how gradients are
     computed and reduced), `sum_fn` (sum of a scalar over ranks) and `stream` (their rank, for dropout).
     """
+    before = state   # pure: the caller's tensors stay as they are, and a non-finite step selects them back
     if not donate:
         state = state.clone()
     microbatches = batch if isinstance(batch, (list, tuple)) else [batch]
@@ -109,20 +149,50 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
     grad_norm = tree.global_norm(grads)
     metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": state.lr_fn(state.step)}
 
+    # A non-finite step (NaN/Inf in the loss or the gradients) leaves params, optimizer state and EMA as they were
+    # and reports metrics["nonfinite"]; the step counter and the data cursor move on (the loop applies nan_policy).
+    # Under DDP the gradients are global, so every rank takes the same decision from them; the local loss only
+    # joins in a single process.
+    finite = torch.isfinite(grad_norm) if sum_fn is not None else torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+    metrics["nonfinite"] = ~finite
+    keep = None
     if opts.precision == "fp16":   # dynamic loss scale: skip the update and halve the scale on overflow
+        if not torch.isfinite(loss_sum).item():   # no loss scale fixes a non-finite loss: a NaN step, scale kept
+            return state.replace(step=state.step + 1), metrics
+        metrics["nonfinite"] = torch.zeros_like(finite)   # overflowing gradients are the loss scale's business
         if not torch.isfinite(grad_norm).item():
             metrics["skipped"] = 1
             return state.replace(step=state.step + 1, loss_scale=state.loss_scale / 2, good_steps=0), metrics
         grow = state.good_steps + 1 >= opts.loss_scale_growth_interval
         state = state.replace(loss_scale=state.loss_scale * (2 if grow else 1),
                               good_steps=0 if grow else state.good_steps + 1)
+    elif _host_check_is_free(device):
+        if not finite.item():
+            return state.replace(step=state.step + 1), metrics
+    else:   # Flax's select between the old and the new trees, on the device: no host sync per step
+        keep = _protected(before) if not donate else [t.clone() for t in _protected(state)]
     if opts.clip_grad > 0:
         torch._foreach_mul_(grads, (opts.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0))
     state.tx.update(state.params, dict(zip(state.params, grads)), state.opt_state, metrics["lr"])
     if state.ema is not None:   # ema <- decay * ema + (1 - decay) * params, a pytree map done in place
         torch._foreach_lerp_([state.ema[k] for k in state.params], list(state.params.values()),
                              1.0 - opts.ema_decay)
+    if keep is not None:
+        for new, old in zip(_protected(state), keep):
+            torch.where(finite, new, old, out=new)
     return state.replace(step=state.step + 1), metrics
+
+
+def _host_check_is_free(device: torch.device) -> bool:
+    """On a CPU every op has already run when Python gets its result: reading a flag costs nothing, and a skipped
+    step then costs no copy. An accelerator runs ahead of the host, and waiting for it each step would stall it."""
+    return device.type == "cpu"
+
+
+def _protected(state: TrainState) -> list:
+    """The tensors a non-finite step must leave as they were."""
+    return [*state.params.values(), *tree.tree_leaves(state.opt_state),
+            *(state.ema.values() if state.ema is not None else ())]
 
 
 @torch.no_grad()

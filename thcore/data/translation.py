@@ -1,4 +1,4 @@
-"""Parallel corpora: line-aligned files (one sentence per line), word vocabularies, padded batches."""
+"""Parallel corpora: line-aligned files (one sentence per line), encoded pairs, padded batches."""
 import os
 
 import torch
@@ -6,7 +6,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..config import ConfigError
 from ..step import IGNORE
-from .vocab import BOS, EOS, PAD
+from .subword import Words
+from .vocab import BOS, EOS, PAD, Vocab
 
 
 class DataError(ConfigError):
@@ -42,22 +43,32 @@ def read_parallel(src_path: str, tgt_path: str, src_field: str, tgt_field: str):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Encoded (src ids, tgt ids) pairs; pairs longer than `max_len` tokens on either side are dropped."""
+    """Encoded (src ids + eos, tgt ids) pairs. `src_tok`/`tgt_tok` have `encode_batch(lines)` (a Subword or
+    Words; a plain Vocab is taken as whitespace-split words). Training drops pairs longer than `max_len`
+    tokens on either side (counted in `dropped`); `truncate=True` (evaluation: every sentence is scored) cuts
+    them to `max_len` instead."""
 
-    def __init__(self, src_lines, tgt_lines, src_vocab, tgt_vocab, max_len: int):
-        self.pairs, self.dropped = [], 0
-        for s, t in zip(src_lines, tgt_lines):
-            s, t = s.split(), t.split()
+    def __init__(self, src_lines, tgt_lines, src_tok, tgt_tok, max_len: int, truncate: bool = False):
+        src_tok, tgt_tok = (Words(t) if isinstance(t, Vocab) else t for t in (src_tok, tgt_tok))
+        self.pairs, self.kept, self.dropped = [], [], 0
+        for n, (s, t) in enumerate(zip(src_tok.encode_batch(list(src_lines)), tgt_tok.encode_batch(list(tgt_lines)))):
             if len(s) + 1 > max_len or len(t) + 1 > max_len:   # +1: eos / bos
-                self.dropped += 1
-                continue
-            self.pairs.append((torch.tensor(src_vocab.encode(s) + [EOS]), torch.tensor(tgt_vocab.encode(t))))
+                if not truncate:
+                    self.dropped += 1
+                    continue
+                s, t = s[:max_len - 1], t[:max_len - 1]
+            self.kept.append(n)   # line index in the split: its reference text for BLEU
+            self.pairs.append((torch.tensor(s + [EOS]), torch.tensor(t, dtype=torch.long)))
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, i):
         return self.pairs[i]
+
+    def sizes(self) -> list[int]:
+        """Padded length each pair needs in a batch: source + eos, or bos + target (= target + eos)."""
+        return [max(len(s), len(t) + 1) for s, t in self.pairs]
 
 
 def collate(pairs) -> dict:

@@ -40,6 +40,27 @@ def check_torchrun_env(what: str = "engine='ddp'"):
                           f"{'is' if len(missing) == 1 else 'are'} not set: {LAUNCH_HINT}")
 
 
+def init_process_group(backend: str, timeout_s: float, device_id=None):
+    """dist.init_process_group, with the store keys of each torchrun attempt kept apart on a single node.
+
+    torchrun keeps one TCPStore for the whole job (static and c10d rendezvous alike), and the keys the workers
+    write carry no attempt number: after a restart a rank could read the address a dead peer published in the
+    previous attempt and fail with "Connection refused" (seen in tests/test_faults.py). On one node every worker
+    has the same TORCHELASTIC_RESTART_COUNT, so it prefixes the keys; across nodes the agents may count restarts
+    differently (a membership change is not counted), so there torch's own behaviour is kept."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    single_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not single_node:
+        return dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)   # a client of the agent's store, as torch's env:// does
+    dist.init_process_group(backend, store=dist.PrefixStore(f"torch_handle/attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=world_size, timeout=timeout,
+                            device_id=device_id)
+
+
 def backend_and_device(device: str, local_rank: int) -> tuple[str, torch.device]:
     """The only difference between the CUDA and the CPU path: NCCL on the GPU numbered LOCAL_RANK, or gloo."""
     if pick_device(device).type == "cuda":
@@ -108,8 +129,7 @@ class DDPEngine:
         if cuda:
             torch.cuda.set_device(self.device)
         # the timeout bounds every collective: a dead or stuck peer ends the run instead of hanging it
-        dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
-                                device_id=self.device if cuda else None)
+        init_process_group(self.backend, cfg.dist_timeout_s, device_id=self.device if cuda else None)
         self.ddp = self.forward = self.params = self._hook_state = None
 
     def init(self, state):

@@ -129,11 +129,19 @@ class GPT(nn.Module):
             raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
         return cls(**{**GPT_PRESETS[name], **overrides})
 
+    # the output layer's (weight, bias) names in named_parameters(): the fused loss (thcore/losses.py) applies it
+    # to `features` itself, chunk by chunk; the weight is wte's (tied)
+    output_params = ("transformer.wte.weight", None)
+
     def forward(self, idx, cache: KVCache | None = None):
         """idx: LongTensor [B, T] -> logits [B, T, vocab_size].
 
         With a `cache` (inference), idx holds the tokens that follow the `cache.pos` cached ones: positions
         start there, and the cache is advanced past them."""
+        return self.lm_head(self.features(idx, cache))
+
+    def features(self, idx, cache: KVCache | None = None):
+        """The final LayerNorm's output [B, T, n_embd]: forward without the output layer."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.block_size:
@@ -149,7 +157,7 @@ class GPT(nn.Module):
                 x = block(x)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
 
     def new_cache(self, batch_size, device=None, dtype=torch.float32) -> KVCache:
         """An empty KV cache for up to block_size tokens of `batch_size` sequences."""

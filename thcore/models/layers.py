@@ -74,12 +74,32 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x, memory=None, key_padding_mask=None, causal=False):
-        """x: [B, T, D] queries; memory: [B, S, D] keys/values (None = self-attention)."""
-        kv = x if memory is None else memory
+    def forward(self, x, memory=None, key_padding_mask=None, causal=False, cache=None):
+        """x: [B, T, D] queries; memory: [B, S, D] keys/values (None = self-attention).
+
+        cache (inference only, a dict updated in place): self-attention appends the new tokens' keys/values to
+        those of the earlier ones; cross-attention projects `memory` once and reuses it at every later step."""
         q = split_heads(self.q_proj(x), self.num_heads)
-        k = split_heads(self.k_proj(kv), self.num_heads)
-        v = split_heads(self.v_proj(kv), self.num_heads)
+        if cache is not None and memory is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            kv = x if memory is None else memory
+            k = split_heads(self.k_proj(kv), self.num_heads)
+            v = split_heads(self.v_proj(kv), self.num_heads)
+            if cache is not None:
+                if memory is None and "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        T, S = q.size(2), k.size(2)
+        if causal and S > T:
+            # T new queries after S - T cached tokens: query i sees keys 0..S-T+i (SDPA's is_causal aligns
+            # top-left, wrong here); a single new query sees every key
+            if T > 1:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T))
+            else:
+                y = F.scaled_dot_product_attention(q, k, v)
+            return self.out_proj(merge_heads(y))
         y = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
                       dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(merge_heads(y))
@@ -147,7 +167,10 @@ class DecoderLayer(_Residual):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, x, memory, src_pad_mask=None):
-        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=True))
-        x = self.residual(x, self.norm2, lambda h: self.cross_attn(h, memory, key_padding_mask=src_pad_mask))
+    def forward(self, x, memory, src_pad_mask=None, cache=None):
+        """cache: None (training) or this layer's {"self": {}, "cross": {}} for incremental decoding."""
+        self_c, cross_c = (None, None) if cache is None else (cache["self"], cache["cross"])
+        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=True, cache=self_c))
+        x = self.residual(x, self.norm2, lambda h: self.cross_attn(h, memory, key_padding_mask=src_pad_mask,
+                                                                   cache=cross_c))
         return self.residual(x, self.norm3, self.ffn)

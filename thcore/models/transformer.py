@@ -14,7 +14,7 @@ class Transformer(nn.Module):
 
     def __init__(self, src_vocab_size, tgt_vocab_size, d_model=512, num_heads=8, num_encoder_layers=6,
                  num_decoder_layers=6, d_ff=2048, dropout=0.1, max_len=256, activation="relu", pre_ln=False,
-                 tie_embeddings=False, pad_id=0, activation_checkpointing=False):
+                 tie_embeddings=False, share_embeddings=False, pad_id=0, activation_checkpointing=False):
         super().__init__()
         self.pad_id = pad_id
         self.activation_checkpointing = activation_checkpointing
@@ -33,6 +33,10 @@ class Transformer(nn.Module):
         self.generator = nn.Linear(d_model, tgt_vocab_size, bias=not tie_embeddings)
         if tie_embeddings:
             self.generator.weight = self.tgt_embed.weight  # one tensor: named_parameters lists it once
+        if share_embeddings:   # a joint source/target vocabulary: one embedding table for both sides
+            if src_vocab_size != tgt_vocab_size:
+                raise ValueError(f"share_embeddings needs one vocabulary: sizes {src_vocab_size} != {tgt_vocab_size}")
+            self.src_embed.weight = self.tgt_embed.weight
 
         # Xavier-uniform for every matrix, as the reference implementations (tensor2tensor, Annotated Transformer)
         for p in self.parameters():
@@ -54,13 +58,34 @@ class Transformer(nn.Module):
             x = self._run(layer, x, src_pad_mask)
         return self.enc_norm(x), src_pad_mask
 
-    def decode(self, tgt_in, memory, src_pad_mask):
+    def decode(self, tgt_in, memory, src_pad_mask, cache=None):
         """tgt_in: LongTensor [B, T] -> logits [B, T, tgt_vocab]. The self-attention is causal only: target
-        padding sits at the end, after every real token, and the loss ignores its positions."""
-        y = self.dropout(self.pos(self.tgt_embed(tgt_in) * self.emb_scale))
-        for layer in self.decoder:
-            y = self._run(layer, y, memory, src_pad_mask)
+        padding sits at the end, after every real token, and the loss ignores its positions.
+
+        With a `cache` from new_cache() (inference), tgt_in holds only the tokens after the `cache["len"]`
+        already decoded: each step costs one position instead of the whole prefix."""
+        offset = 0 if cache is None else cache["len"]
+        y = self.dropout(self.pos(self.tgt_embed(tgt_in) * self.emb_scale, offset))
+        for i, layer in enumerate(self.decoder):
+            if cache is None:
+                y = self._run(layer, y, memory, src_pad_mask)
+            else:
+                y = layer(y, memory, src_pad_mask, cache["layers"][i])
+        if cache is not None:
+            cache["len"] += tgt_in.size(1)
         return self.generator(self.dec_norm(y))
+
+    def new_cache(self) -> dict:
+        """An empty decoder cache: per layer, self-attention keys/values so far and the projected memory."""
+        return {"len": 0, "layers": [{"self": {}, "cross": {}} for _ in self.decoder]}
+
+    @staticmethod
+    def reorder_cache(cache: dict, index: torch.Tensor):
+        """Keep rows `index` of every cached tensor (beam search: each new beam continues an old one)."""
+        for layer in cache["layers"]:
+            for part in layer.values():
+                for k in part:
+                    part[k] = part[k].index_select(0, index)
 
     def forward(self, src, tgt_in):
         return self.decode(tgt_in, *self.encode(src))
@@ -69,5 +94,6 @@ class Transformer(nn.Module):
         """Parameter count (tied tensors once); non_embedding leaves out the token embedding tables."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.src_embed.weight.numel() + self.tgt_embed.weight.numel()
+            n -= self.src_embed.weight.numel() + self.tgt_embed.weight.numel() * (
+                self.src_embed.weight is not self.tgt_embed.weight)
         return n

@@ -21,7 +21,7 @@ from ..data import lm as data
 from ..data.loader import to_device
 from ..interop import hf_gpt2
 from ..models.gpt import GPT
-from ..state import StepOptions, init_state
+from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
 
 TRAIN_ESTIMATE = 2   # stream tag of the train-loss estimate's batches (training draws with data.TRAIN)
@@ -124,7 +124,7 @@ class LMTask:
         c = self.cfg
         state = init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device,
                            lr=optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio),
-                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad, compile=c.compile))
+                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad, **speed_options(c)))
         if c.init_from and not checkpoint.resolve(c.resume, c.run_dir):   # resuming: the checkpoint wins anyway
             _, params, src = hf_gpt2.load_gpt(c.init_from)
             params["transformer.wpe.weight"] = params["transformer.wpe.weight"][:c.block_size]   # nanoGPT's crop

@@ -2,16 +2,18 @@
 import os
 
 import attrs
+import sacrebleu
 import torch
 
 from .. import decode, optim
 from ..config import Config, ConfigError, _non_negative, _positive, _unit, _choice
 from ..data import demo
-from ..data.loader import epoch_batches, make_loader, to_device
-from ..data.translation import PairDataset, collate, read_parallel
-from ..data.vocab import BOS, EOS, Vocab
+from ..data.loader import epoch_batches, make_loader, to_device, token_batches
+from ..data.subword import Subword, Words
+from ..data.translation import DataError, PairDataset, collate, read_parallel
+from ..data.vocab import EOS, Vocab
 from ..models import Transformer
-from ..state import StepOptions, init_state
+from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
 
 _FILES = ("train_src", "train_tgt", "valid_src", "valid_tgt", "test_src", "test_tgt")
@@ -28,27 +30,58 @@ class TranslationConfig(Config):
     dropout: float = attrs.field(default=0.1, validator=_unit)
     activation: str = attrs.field(default="relu", validator=_choice("relu", "gelu"))
     pre_ln: bool = False
-    tie_embeddings: bool = False
-    # data: line-aligned files, or the built-in demo task when train_src is empty
+    tie_embeddings: bool = False            # the output layer is the target embedding
+    share_embeddings: bool = False          # one embedding table for source and target (needs joint_vocab)
+    # data: DATA_DIR/{train,valid,test}.{src_lang,tgt_lang}, or line-aligned files named one by one,
+    # or the built-in demo task when neither is given
+    data_dir: str = ""
+    src_lang: str = "en"
+    tgt_lang: str = "de"
     train_src: str = ""
     train_tgt: str = ""
     valid_src: str = ""
     valid_tgt: str = ""
     test_src: str = ""
     test_tgt: str = ""
-    min_freq: int = attrs.field(default=1, validator=_positive)
+    tokenizer: str = attrs.field(default="word", validator=_choice("word", "bpe", "unigram"))
+    vocab_size: int = attrs.field(default=8000, validator=_positive)   # bpe / unigram, per tokenizer
+    joint_vocab: bool = False               # one vocabulary trained on both sides
+    min_freq: int = attrs.field(default=1, validator=_positive)        # word vocabulary
+    max_tokens: int = attrs.field(default=0, validator=_non_negative)  # > 0: batches by padded token count
     max_len: int = attrs.field(default=100, validator=_positive)     # tokens, eos included
     demo_train_size: int = attrs.field(default=20000, validator=_positive)
     demo_valid_size: int = attrs.field(default=1000, validator=_positive)
     demo_test_size: int = attrs.field(default=1000, validator=_positive)
     eval_batch_size: int = attrs.field(default=250, validator=_positive)
-    eval_max_sentences: int = attrs.field(default=0, validator=_non_negative)   # 0 = whole split
+    eval_max_sentences: int = attrs.field(default=0, validator=_non_negative)   # valid: first N; 0 = all
     label_smoothing: float = attrs.field(default=0.1, validator=_unit)
     beta2: float = 0.98
     warmup_steps: int = 400
+    # decoding: validation during training, the test split at the end, and `th.py translate/eval` defaults
+    eval_beam: int = attrs.field(default=1, validator=_positive)     # 1 = greedy
+    test_beam: int = attrs.field(default=1, validator=_positive)
+    length_penalty: float = attrs.field(default=1.0, validator=_non_negative)
+    max_len_ratio: float = attrs.field(default=1.5, validator=_non_negative)   # output <= ratio * src + 10
+    max_minutes: float = attrs.field(default=0.0, validator=_non_negative)    # > 0: time budget of the run
+
+    def __attrs_post_init__(self):
+        if self.data_dir:   # fill the file fields not given one by one
+            for split in ("train", "valid", "test"):
+                for side, lang in (("src", self.src_lang), ("tgt", self.tgt_lang)):
+                    path = os.path.join(self.data_dir, f"{split}.{lang}")
+                    if not getattr(self, f"{split}_{side}") and (split == "train" or os.path.isfile(path)):
+                        setattr(self, f"{split}_{side}", path)
+        super().__attrs_post_init__()
 
     def validate(self):
         super().validate()
+        if self.data_dir and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"data_dir={self.data_dir!r}: not a directory")
+        if self.share_embeddings and not self.joint_vocab:
+            raise ConfigError("share_embeddings=True: needs joint_vocab=True (one vocabulary for both sides)")
+        if self.max_tokens and self.max_tokens < self.max_len:
+            raise ConfigError(f"max_tokens={self.max_tokens}: must be >= max_len={self.max_len} "
+                              "(a batch must hold the longest pair)")
         if self.d_model % self.num_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         for a, b in (("train_src", "train_tgt"), ("valid_src", "valid_tgt"), ("test_src", "test_tgt")):
@@ -62,105 +95,180 @@ class TranslationConfig(Config):
 class TranslationTask:
     """Data, model definition and evaluation for one translation config."""
 
-    def __init__(self, cfg: TranslationConfig, log=print):
+    def __init__(self, cfg: TranslationConfig, log=print, splits=None):
+        """`splits`: read only these (e.g. ("test",) to evaluate a finished run, whose vocabularies are then
+        read from its run directory); None = all, for training."""
         self.cfg = cfg
-        self.splits, skipped = self._read(cfg)
-        src_vocab_path = os.path.join(cfg.run_dir, "vocab.src.json")
-        tgt_vocab_path = os.path.join(cfg.run_dir, "vocab.tgt.json")
-        if cfg.resume != "never" and os.path.isfile(src_vocab_path) and os.path.isfile(tgt_vocab_path):
-            # resuming: the run's own vocabularies, so ids match its checkpoints
-            self.src_vocab, self.tgt_vocab = Vocab.load(src_vocab_path), Vocab.load(tgt_vocab_path)
-        else:
-            src, tgt = self.splits["train"]
-            self.src_vocab = Vocab.build((s.split() for s in src), cfg.min_freq)
-            self.tgt_vocab = Vocab.build((t.split() for t in tgt), cfg.min_freq)
-        self.data = {name: PairDataset(s, t, self.src_vocab, self.tgt_vocab, cfg.max_len)
+        self.splits, skipped = self._read(cfg, splits or ("train", "valid", "test"))
+        self.src_vocab, self.tgt_vocab = self._tokenizers(cfg, self.splits.get("train"), trained=splits is None)
+        self.data = {name: PairDataset(s, t, self.src_vocab, self.tgt_vocab, cfg.max_len,
+                                       truncate=name != "train")
                      for name, (s, t) in self.splits.items()}
-        if not len(self.data["train"]):
+        if splits is None and not len(self.data["train"]):
             raise ConfigError(f"max_len={cfg.max_len}: every training pair is longer; raise max_len")
         self.log = log
+        self.clock = optim.Clock(cfg.max_minutes * 60) if cfg.max_minutes else None
+        vocab = (f"joint vocab {len(self.tgt_vocab)}" if cfg.joint_vocab else
+                 f"vocab src {len(self.src_vocab)} tgt {len(self.tgt_vocab)}")
         self.summary = (f"data: {'demo task' if not cfg.train_src else cfg.train_src} | "
                         + " | ".join(f"{k} {len(v)} pairs" + (f" ({v.dropped} over max_len dropped)" if v.dropped else "")
                                      for k, v in self.data.items())
                         + (f" | {skipped} empty lines skipped" if skipped else "")
-                        + f" | vocab src {len(self.src_vocab)} tgt {len(self.tgt_vocab)}")
+                        + f" | {cfg.tokenizer} {vocab}"
+                        + (f" | batches of <= {cfg.max_tokens} padded tokens per process" if cfg.max_tokens else ""))
 
     @staticmethod
-    def _read(cfg):
+    def _read(cfg, names):
         if not cfg.train_src:
-            return demo.splits(cfg.demo_train_size, cfg.demo_valid_size, cfg.demo_test_size, seed=0), 0
+            out = demo.splits(cfg.demo_train_size, cfg.demo_valid_size, cfg.demo_test_size, seed=0)
+            return {k: v for k, v in out.items() if k in names}, 0
         out, skipped = {}, 0
-        for name in ("train", "valid", "test"):
+        for name in names:
             if getattr(cfg, f"{name}_src"):
                 s, t, n = read_parallel(getattr(cfg, f"{name}_src"), getattr(cfg, f"{name}_tgt"),
                                         f"{name}_src", f"{name}_tgt")
                 out[name], skipped = (s, t), skipped + n
         return out, skipped
 
+    @staticmethod
+    def _tokenizers(cfg, train, trained=True):
+        """(source, target) tokenizers: the run's own files when resuming or evaluating (ids must match its
+        checkpoints), else trained on the training split. A joint vocabulary is one object for both sides."""
+        names = ("vocab.joint", "vocab.joint") if cfg.joint_vocab else ("vocab.src", "vocab.tgt")
+        paths = [os.path.join(cfg.run_dir, f"{n}.json") for n in names]
+        if not trained or cfg.resume != "never" and all(os.path.isfile(p) for p in paths):
+            return tuple(load_tokenizer(p, cfg.tokenizer) for p in paths)
+        src, tgt = train
+        if cfg.tokenizer == "word":
+            build = lambda lines: Words(Vocab.build((line.split() for line in lines), cfg.min_freq))  # noqa: E731
+        else:
+            build = lambda lines: Subword.train(lines, cfg.tokenizer, cfg.vocab_size)  # noqa: E731
+        if cfg.joint_vocab:
+            joint = build(list(src) + list(tgt))
+            return joint, joint
+        return build(src), build(tgt)
+
     def save_assets(self, run_dir: str):
-        self.src_vocab.save(os.path.join(run_dir, "vocab.src.json"))
-        self.tgt_vocab.save(os.path.join(run_dir, "vocab.tgt.json"))
+        """The vocabularies, which `th.py translate/eval` and a resumed run read back."""
+        if self.cfg.joint_vocab:
+            self.tgt_vocab.save(os.path.join(run_dir, "vocab.joint.json"))
+        else:
+            self.src_vocab.save(os.path.join(run_dir, "vocab.src.json"))
+            self.tgt_vocab.save(os.path.join(run_dir, "vocab.tgt.json"))
 
     def build_model(self) -> Transformer:
         c = self.cfg
         return Transformer(len(self.src_vocab), len(self.tgt_vocab), d_model=c.d_model, num_heads=c.num_heads,
                            num_encoder_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers,
                            d_ff=c.d_ff, dropout=c.dropout, max_len=c.max_len + 1, activation=c.activation,
-                           pre_ln=c.pre_ln, tie_embeddings=c.tie_embeddings,
+                           pre_ln=c.pre_ln, tie_embeddings=c.tie_embeddings, share_embeddings=c.share_embeddings,
                            activation_checkpointing=c.activation_checkpointing)
 
     def init_state(self, total_steps: int, device="cpu"):
         c = self.cfg
-        return init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device,
-                          lr=optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio),
+        if self.clock is not None:   # the budget starts with the training state
+            self.clock = optim.Clock(c.max_minutes * 60)
+            lr = optim.timed_schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, self.clock, c.min_lr_ratio)
+        else:
+            lr = optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio)
+        return init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device, lr=lr,
                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad,
-                                              label_smoothing=c.label_smoothing, compile=c.compile))
+                                              label_smoothing=c.label_smoothing, **speed_options(c)))
 
     # -- batches ------------------------------------------------------------------------------------------
+    def _batches(self, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+        train = self.data["train"]
+        if self.cfg.max_tokens:
+            return token_batches(train.sizes(), self.cfg.max_tokens, epoch, self.cfg.seed, rank, world)
+        return epoch_batches(train, self.cfg.batch_size, epoch, self.cfg.seed, rank, world)
+
     def batches_per_epoch(self, world: int) -> int:
+        if self.cfg.max_tokens:   # the same for every epoch (see token_batches)
+            return len(self._batches(0, 0, world))
         return len(self.data["train"]) // world // self.cfg.batch_size
 
     def train_loader(self, epoch: int, start: int, engine):
-        batches = epoch_batches(self.data["train"], self.cfg.batch_size, epoch, self.cfg.seed,
-                                engine.rank, engine.world_size)[start:]
+        batches = self._batches(epoch, engine.rank, engine.world_size)[start:]
         return make_loader(self.data["train"], batches, collate, self.cfg.num_workers, engine.device)
 
     def tokens(self, batch) -> torch.Tensor:
         return (batch["targets"] != -100).sum()
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self, state, engine, split: str = "valid") -> dict:
-        """Token-level loss and greedy exact match over the whole split, summed across ranks."""
+    def _decode_batches(self, srcs: list[torch.Tensor], rows: list[int]) -> list[list[int]]:
+        """`rows` of `srcs` in batches of similar length (less padding, earlier stop), eval_batch_size each."""
+        order = sorted(rows, key=lambda i: len(srcs[i]))
+        bs = self.cfg.eval_batch_size
+        return [order[i:i + bs] for i in range(0, len(order), bs)]
+
+    def hypotheses(self, state, srcs: list[torch.Tensor], beam: int, device, rows=None) -> dict:
+        """{row: token ids} translating the source id tensors `srcs` (each ending in eos)."""
+        c, out = self.cfg, {}
+        state.model.eval()
+        try:
+            for idx in self._decode_batches(srcs, list(range(len(srcs))) if rows is None else rows):
+                src = collate([(srcs[i], torch.zeros(0, dtype=torch.long)) for i in idx])["src"].to(device)
+                hyp = decode.translate(state.model, state.params, state.buffers, src, beam, c.max_len,
+                                       c.max_len_ratio, c.length_penalty)
+                out.update(zip(idx, hyp))
+        finally:
+            state.model.train()
+        return out
+
+    def evaluate(self, state, engine, split: str = "valid", beam: int | None = None) -> dict:
+        """Token-level loss, exact match and sacrebleu BLEU / chrF of the detokenized translations against the
+        split's reference lines (greedy, or beam search with eval_beam / test_beam), summed across ranks."""
         data = self.data.get(split)
         if data is None or not len(data):
             return {}
-        n = len(data) if not self.cfg.eval_max_sentences else min(len(data), self.cfg.eval_max_sentences)
+        c = self.cfg
+        beam = beam or (c.test_beam if split == "test" else c.eval_beam)
+        # a cheaper validation on the first sentences; the test split is always scored whole
+        n = len(data) if not c.eval_max_sentences or split == "test" else min(len(data), c.eval_max_sentences)
         mine = list(range(engine.rank, n, engine.world_size))
-        bs = self.cfg.eval_batch_size
         sums = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss, tokens, exact, sentences
         state.model.eval()
         try:
-            for i in range(0, len(mine), bs):
-                batch = to_device(collate([data[j] for j in mine[i:i + bs]]), engine.device)
+            for idx in self._decode_batches([data[j][0] for j in range(len(data))], mine):
+                batch = to_device(collate([data[j] for j in idx]), engine.device)
                 loss_sum, ntok = eval_step(state, batch)
-                hyp = decode.greedy(state.model, state.params, state.buffers, batch["src"], BOS,
-                                    max_len=self.cfg.max_len)
-                exact = sum(decode.strip(h) == data[j][1].tolist() for h, j in zip(hyp, mine[i:i + bs]))
-                sums += torch.tensor([loss_sum.item(), ntok.item(), exact, len(hyp)], dtype=torch.float64,
-                                     device=engine.device)
+                sums[:2] += torch.tensor([loss_sum.item(), ntok.item()], dtype=torch.float64, device=engine.device)
         finally:
             state.model.train()
+        hyp = self.hypotheses(state, [p[0] for p in data.pairs], beam, engine.device, mine)
+        exact = sum(hyp[j] == data[j][1].tolist() for j in mine)
+        sums[2:] += torch.tensor([exact, len(mine)], dtype=torch.float64, device=engine.device)
         loss, ntok, exact, count = engine.reduce_sum(sums).tolist()
-        return {"loss": loss / max(ntok, 1), "exact_match": exact / max(count, 1)}
+        refs = self.splits[split][1]
+        hyps, refs = [self.tgt_vocab.decode(hyp[j]) for j in mine], [refs[data.kept[j]] for j in mine]
+        bleu, chrf = corpus_scores(hyps, refs, engine.reduce_sum, engine.device)
+        return {"loss": loss / max(ntok, 1), "exact_match": exact / max(count, 1), "bleu": bleu, "chrf": chrf}
 
-    def translate(self, state, lines: list[str], device="cpu") -> list[str]:
-        """Greedy translations of whitespace-tokenized source lines."""
-        src = [torch.tensor(self.src_vocab.encode(line.split()) + [EOS]) for line in lines]
-        batch = collate([(s, torch.zeros(0, dtype=torch.long)) for s in src])
-        state.model.eval()
-        try:
-            hyp = decode.greedy(state.model, state.params, state.buffers, batch["src"].to(device), BOS,
-                                max_len=self.cfg.max_len)
-        finally:
-            state.model.train()
-        return [" ".join(self.tgt_vocab.decode(h)) for h in hyp]
+    def translate(self, state, lines: list[str], device="cpu", beam: int | None = None) -> list[str]:
+        """Translations of raw source lines (tokenized here), greedy or beam search (default test_beam)."""
+        c = self.cfg
+        srcs = [torch.tensor(ids[:c.max_len - 1] + [EOS]) for ids in self.src_vocab.encode_batch(lines)]
+        hyp = self.hypotheses(state, srcs, beam or c.test_beam, device)
+        return [self.tgt_vocab.decode(hyp[i]) for i in range(len(lines))]
+
+
+def corpus_scores(hyps: list[str], refs: list[str], reduce_sum=lambda t: t, device="cpu") -> tuple[float, float]:
+    """sacrebleu corpus BLEU and chrF (default settings) of detokenized text. Both are functions of sentence
+    statistics summed over the corpus, so ranks sum theirs (`reduce_sum`) and every rank gets the exact
+    corpus score of all the sentences."""
+    out = []
+    # sacrebleu 2.x computes corpus_score from exactly these summed statistics (the methods are not public API);
+    # a rank without sentences contributes zeros: BLEU has 2 + 2 x 4 n-gram orders, chrF 3 x 6 character orders
+    for metric, width in ((sacrebleu.metrics.BLEU(), 10), (sacrebleu.metrics.CHRF(), 18)):
+        stats = metric._extract_corpus_statistics(hyps, [refs]) if hyps else []
+        summed = torch.tensor(stats, dtype=torch.float64).reshape(-1, width).sum(0).to(device)
+        summed = [int(v) for v in reduce_sum(summed).tolist()]
+        out.append(metric._compute_score_from_stats(summed).score)
+    return out[0], out[1]
+
+
+def load_tokenizer(path: str, kind: str):
+    """A saved vocabulary: a `tokenizers` JSON (bpe / unigram) or a word vocabulary."""
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer: {path}: missing (the run directory keeps its vocabularies)")
+    return Words(Vocab.load(path)) if kind == "word" else Subword.load(path)

@@ -1,0 +1,114 @@
+"""Model FLOPs, device peaks and MFU: what `th.py bench` and every run's metrics report.
+
+FLOPs of a training step (forward + backward = 3x forward, matmuls only, a multiply-add counts 2), as nanoGPT and
+the PaLM paper count them:
+
+    GPT, per token:  6 N + 12 L H Q T       N = parameters without the position embeddings (the token embedding
+                                            stays: it is also the output layer), L layers, H heads of width Q,
+                                            T the sequence length (attention scores and their use; the causal
+                                            mask's skipped half is counted, as everyone does).
+    Transformer:     encoder tokens  6 N_enc + 12 L_enc D S
+                     decoder tokens  6 (N_dec + N_out) + 12 L_dec D (T + S)    (self- and cross-attention)
+                     with cross-attention's key/value projections counted per *source* token, and the embedding
+                     tables left out (lookups, not matmuls); padding counts (the hardware computes it).
+
+MFU = model FLOPs per second / the device's peak: H100 SXM 989 TFLOP/s (bf16/fp16, dense), A100 312; fp32 uses
+the TF32 peak when TF32 matmuls are allowed. Any other device (every CPU) gets a measured matmul rate in the
+run's dtype instead of a datasheet figure, so on CPU "MFU" reads "fraction of what this machine's matmul does now".
+"""
+import functools
+import statistics
+import time
+
+import torch
+
+# (bf16/fp16, tf32, fp32) dense TFLOP/s from the vendors' datasheets
+_PEAKS = {"H100": (989.0, 494.5, 66.9), "H200": (989.0, 494.5, 66.9), "A100": (312.0, 156.0, 19.5)}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _count(module) -> int:
+    # ds_numel: DeepSpeed ZeRO-3 leaves each rank a partition of every parameter
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) if module is not None else 0
+
+
+def gpt_flops_per_token(model, seq_len: int) -> float:
+    """6N + 12·L·H·Q·T for a thcore GPT (or anything with its layout)."""
+    attn = model.transformer.h[0].attn
+    n = _count(model) - _count(model.transformer.wpe)
+    return 6.0 * n + 12.0 * len(model.transformer.h) * attn.n_embd * seq_len   # H·Q = n_embd
+
+
+def transformer_flops(model, batch_size: int, src_len: int, tgt_len: int) -> float:
+    """FLOPs of one training step of the encoder-decoder Transformer on a [B, S] -> [B, T] batch."""
+    d = model.src_embed.embedding_dim
+    n_enc = _count(model.encoder) + _count(model.enc_norm)
+    n_cross_kv = sum(_count(layer.cross_attn.k_proj) + _count(layer.cross_attn.v_proj) for layer in model.decoder)
+    n_dec = _count(model.decoder) - n_cross_kv + _count(model.dec_norm)
+    n_out = _count(model.generator)   # counted apart: tied to tgt_embed, parameters() may list it there
+    le, ld = len(model.encoder), len(model.decoder)
+    src = 6.0 * (n_enc + n_cross_kv) + 12.0 * le * d * src_len
+    tgt = 6.0 * (n_dec + n_out) + 12.0 * ld * d * (tgt_len + src_len)
+    return batch_size * (src_len * src + tgt_len * tgt)
+
+
+def step_flops(model, batches) -> float | None:
+    """Model FLOPs of a training step over `batches` (one batch dict or a list of micro-batches), from the
+    batch shapes alone (no device access, no sync); None for a model this module has no formula for."""
+    from .models import GPT, Transformer   # models never import this module: no cycle
+    total = 0.0
+    for b in batches if isinstance(batches, (list, tuple)) else [batches]:
+        if isinstance(model, GPT):
+            B, T = b["idx"].shape
+            total += B * T * gpt_flops_per_token(model, T)
+        elif isinstance(model, Transformer):
+            (B, S), T = b["src"].shape, b["tgt_in"].shape[1]
+            total += transformer_flops(model, B, S, T)
+        else:
+            return None
+    return total
+
+
+def measured_matmul_flops(device, dtype=torch.float32, n: int = 1024, reps: int = 8, clock=time.perf_counter) -> float:
+    """FLOP/s of an n x n matmul on `device` now: the median of `reps` timings after a warm-up (`clock`:
+    time.process_time measures CPU time, what a shared CPU machine gives reproducibly)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        sync(device)
+        t0 = clock()
+        a @ b
+        sync(device)
+        if i >= 2:
+            times.append(clock() - t0)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops(device: str, precision: str = "fp32", clock=time.perf_counter) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for `device` ("cpu", "cuda", "cuda:1") at `precision`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32, fp32) in _PEAKS.items():
+            if key in name:
+                if precision in ("bf16", "fp16"):
+                    return half * 1e12, f"{key} datasheet"
+                tf = torch.backends.cuda.matmul.allow_tf32
+                return (tf32 if tf else fp32) * 1e12, f"{key} datasheet ({'tf32' if tf else 'fp32'})"
+    dtype = _DTYPES[precision]
+    return measured_matmul_flops(device, dtype, clock=clock), f"measured {dtype} matmul on {device.type}"
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mfu_fields(flops: float, seconds: float, device, precision: str) -> dict:
+    """{"mfu": ...} for a metrics line: `flops` model FLOPs done on this device in `seconds`; {} without a count."""
+    if not flops or seconds <= 0:
+        return {}
+    return {"mfu": flops / seconds / peak_flops(str(device), precision)[0]}
