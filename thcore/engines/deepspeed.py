@@ -33,7 +33,7 @@ from .. import checkpoint, tree
 from ..config import ConfigError
 from ..optim import _groups
 from ..step import IGNORE, dropout_seed, loss_fn
-from .ddp import backend_and_device, check_torchrun_env
+from .ddp import backend_and_device, check_torchrun_env, init_process_group
 
 INSTALL_HINT = "pip install 'torch-handle[deepspeed]' (or pip install deepspeed)"
 
@@ -184,6 +184,8 @@ class DeepSpeedEngine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._own_group = not dist.is_initialized()   # a caller's process group outlives this engine
+        if self._own_group:   # ours, with the store keys of each torchrun restart apart (engines/ddp.py)
+            init_process_group(backend, cfg.dist_timeout_s)
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         self.engine = None
         if self.is_main:
