@@ -30,6 +30,17 @@ def th(*args, timeout=300, check=True, **kw):
     return p
 
 
+def shakespeare_chars(tmp_path_factory, n_chars: int) -> str:
+    """A prepared char-level data dir (train.bin, val.bin, meta.json) of tiny Shakespeare's first n_chars;
+    its source text is small.txt next to it."""
+    from thcore.data import lm
+    d = tmp_path_factory.mktemp("chars")
+    with open(os.path.join(DATA, "tinyshakespeare", "input.txt")) as f:
+        (d / "small.txt").write_text(f.read(n_chars))
+    lm.prepare(str(d / "small.txt"), str(d / "char"), "char")
+    return str(d / "char")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

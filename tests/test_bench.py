@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
-from conftest import DATA, th
+from conftest import shakespeare_chars, th
 from thcore import perf
 from thcore.config import ConfigError, from_dict
-from thcore.data import lm as lm_data
 from thcore.engines.eager import EagerEngine
 from thcore.loop import fit
 from thcore.metrics import read_jsonl
@@ -81,11 +80,7 @@ def test_bench_bad_peer_is_one_line():
 # -- the profiler on a run ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    with open(os.path.join(DATA, "tinyshakespeare", "input.txt")) as f:
-        (d / "small.txt").write_text(f.read(50_000))
-    lm_data.prepare(str(d / "small.txt"), str(d / "char"), "char")
-    return str(d / "char")
+    return shakespeare_chars(tmp_path_factory, 50_000)
 
 
 def test_profiler_on_a_cpu_run(tmp_path, char_data):

@@ -27,7 +27,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import DATA, ROOT, TINY, free_port, th  # noqa: E402
+from conftest import ROOT, TINY, free_port, shakespeare_chars, th  # noqa: E402
 
 K = 6   # steps per equivalence run
 ZERO2 = os.path.join(ROOT, "recipes", "zero2_translation.py")
@@ -194,12 +194,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def gpt_data(tmp_path_factory):
     """The first 100k characters of tiny Shakespeare, prepared char-level."""
-    from thcore.data import lm as lm_data
-    d = tmp_path_factory.mktemp("gptdata")
-    with open(os.path.join(DATA, "tinyshakespeare", "input.txt")) as f:
-        (d / "small.txt").write_text(f.read(100_000))
-    lm_data.prepare(str(d / "small.txt"), str(d / "char"), "char")
-    return str(d / "char")
+    return shakespeare_chars(tmp_path_factory, 100_000)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DATA, th
+from conftest import DATA, shakespeare_chars, th
 from thcore import checkpoint
 from thcore.config import ConfigError, from_dict
 from thcore.data import lm as lm_data
@@ -33,11 +33,7 @@ def decode_bin(directory, split, tok):
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     """The first 200k characters of tiny Shakespeare, prepared char-level."""
-    d = tmp_path_factory.mktemp("data")
-    with open(SHAKESPEARE) as f:
-        (d / "small.txt").write_text(f.read(200_000))
-    lm_data.prepare(str(d / "small.txt"), str(d / "char"), "char")
-    return str(d / "char")
+    return shakespeare_chars(tmp_path_factory, 200_000)
 
 
 def lm_config(tmp_path, data_dir, **kw):

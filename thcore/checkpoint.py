@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from . import tree

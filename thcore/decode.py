@@ -8,7 +8,7 @@ at `max_len`.
 import torch
 
 from . import func
-from .data.vocab import BOS, EOS, PAD
+from .data.vocab import BOS, EOS, PAD, content_ids
 
 
 def limits(src: torch.Tensor, max_len: int, max_len_ratio: float = 0.0) -> torch.Tensor:
@@ -113,13 +113,4 @@ def translate(model, params, buffers, src: torch.Tensor, beam: int = 1, max_len:
     return beam_search(model, params, buffers, src, beam, max_len, max_len_ratio, length_penalty)
 
 
-def strip(ids) -> list[int]:
-    """Token ids up to (not including) the first eos, without padding."""
-    out = []
-    for i in ids:
-        i = int(i)
-        if i == EOS:
-            break
-        if i != PAD:
-            out.append(i)
-    return out
+strip = content_ids   # token ids up to (not including) the first eos, without padding

@@ -8,7 +8,7 @@ word vocabulary (pad=0, bos=1, eos=2, unk=3), so both kinds of vocabulary plug i
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..config import ConfigError
-from .vocab import EOS, PAD, BOS, SPECIALS, UNK
+from .vocab import SPECIALS, UNK, content_ids
 
 
 class Subword:
@@ -47,14 +47,7 @@ class Subword:
 
     def decode(self, ids) -> str:
         """The text of `ids` up to the first eos, without pad/bos."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS:
-                break
-            if i not in (PAD, BOS):
-                out.append(i)
-        return self.tok.decode(out, skip_special_tokens=False)
+        return self.tok.decode(content_ids(ids), skip_special_tokens=False)
 
     def save(self, path: str):
         self.tok.save(path)

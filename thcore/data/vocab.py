@@ -29,14 +29,7 @@ class Vocab:
 
     def decode(self, ids) -> list[str]:
         """Words up to the first eos, without pad/bos."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS:
-                break
-            if i not in (PAD, BOS):
-                out.append(self.itos[i])
-        return out
+        return [self.itos[i] for i in content_ids(ids)]
 
     def save(self, path: str):
         with open(path, "w") as f:
@@ -46,3 +39,15 @@ class Vocab:
     def load(cls, path: str) -> "Vocab":
         with open(path) as f:
             return cls(json.load(f)["itos"])
+
+
+def content_ids(ids) -> list[int]:
+    """Token ids up to (not including) the first eos, without pad/bos: what a decoded sequence says."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == EOS:
+            break
+        if i not in (PAD, BOS):
+            out.append(i)
+    return out
