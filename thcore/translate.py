@@ -15,7 +15,6 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from .config import ConfigError, field_names, from_dict
-from .data.translation import DataError
 from .func import pick_device
 from .tasks.translation import TranslationConfig, TranslationTask
 
@@ -49,23 +48,11 @@ def load(run_dir: str, checkpoint: str = "", device: str = "cpu", splits=()):
     return task, state, ckpt
 
 
-def _stdin_lines() -> list[str]:
-    lines = []
-    for i, raw in enumerate(sys.stdin.buffer.read().split(b"\n"), 1):
-        try:
-            lines.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError:
-            raise DataError(f"input: <stdin>:{i}: not valid UTF-8") from None
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
 def translate_main(run_dir: str, input: str = "", beam: int = 0, checkpoint: str = "", device: str = "cpu",
                    batch_size: int = 0):
     """Print one translation per input line (an empty line stays empty: output lines match input lines)."""
-    from .data.translation import read_lines
-    lines = read_lines(input, "input") if input else _stdin_lines()
+    from .data.translation import decode_lines, read_lines
+    lines = read_lines(input, "input") if input else decode_lines(sys.stdin.buffer.read(), "<stdin>", "input")
     task, state, _ = load(run_dir, checkpoint, device)
     if batch_size:
         task.cfg.eval_batch_size = batch_size

@@ -18,7 +18,12 @@ def read_lines(path: str, field: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"{field}: file not found: {path}")
     with open(path, "rb") as f:
-        raw = f.read().split(b"\n")
+        return decode_lines(f.read(), path, field)
+
+
+def decode_lines(data: bytes, where: str, field: str) -> list[str]:
+    """UTF-8 lines of `data` (a final newline ends the last line); a bad line is named as where:line."""
+    raw = data.split(b"\n")
     if raw and raw[-1] == b"":
         raw.pop()
     lines = []
@@ -26,7 +31,7 @@ def read_lines(path: str, field: str) -> list[str]:
         try:
             lines.append(b.decode("utf-8").rstrip("\r"))
         except UnicodeDecodeError:
-            raise DataError(f"{field}: {path}:{i}: not valid UTF-8") from None
+            raise DataError(f"{field}: {where}:{i}: not valid UTF-8") from None
     return lines
 
 
