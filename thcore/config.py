@@ -16,6 +16,20 @@ class ConfigError(ValueError):
     """A bad config value or unknown field; the message is one line that names the field."""
 
 
+GROUPS = ("model", "data", "optimisation", "precision/speed", "engine/distribution", "checkpoints/faults",
+          "logging/eval", "research probes")
+
+
+def field(default=attrs.NOTHING, help: str = "", group: str = "", validator=None, factory=None):
+    """A config field with its one-line `help` and its `group` (one of GROUPS): `th.py run RECIPE --help`, the
+    docs and validation all read this one declaration. A recipe that re-declares the field to change its default
+    keeps this help (help() looks it up through the class hierarchy)."""
+    if group and group not in GROUPS:
+        raise ValueError(f"group {group!r}: not one of {GROUPS}")
+    return attrs.field(default=default, factory=factory, validator=validator,
+                       metadata={"help": help, "group": group})
+
+
 def _choice(*allowed):
     def check(inst, attr, value):
         if value not in allowed:
