@@ -63,69 +63,99 @@ def _unit(inst, attr, value):
 
 @attrs.define(kw_only=True)
 class Config:
-    """Fields every recipe has (DESIGN.md §4)."""
-    name: str = "run"                       # recipe name; out_dir defaults to runs/<name>
-    out_dir: str = ""                        # run directory ("" = runs/<name>)
-    seed: int = 0
-    engine: str = attrs.field(default="eager", validator=_choice("eager", "ddp", "deepspeed"))
-    device: str = attrs.field(default="auto", validator=_choice("auto", "cpu", "cuda"))
-    nproc: int = attrs.field(default=1, validator=_positive)   # processes th.py starts for ddp/deepspeed
+    """Fields every recipe has (docs/ARCHITECTURE.md: the run directory and the fields' contract)."""
+    name: str = field("run", "recipe name; out_dir defaults to runs/<name>", "logging/eval")
+    out_dir: str = field("", "run directory ('' = runs/<name>)", "checkpoints/faults")
+    seed: int = field(0, "seed of init, dropout and data order", "optimisation")
+    engine: str = field("eager", "eager (one process) | ddp | deepspeed", "engine/distribution",
+                        _choice("eager", "ddp", "deepspeed"))
+    device: str = field("auto", "auto (a GPU if there is one) | cpu | cuda", "engine/distribution",
+                        _choice("auto", "cpu", "cuda"))
+    nproc: int = field(1, "processes th.py starts for ddp/deepspeed on a CPU-only machine (GPUs: one each)",
+                       "engine/distribution", _positive)
     # schedule of the run
-    max_steps: int = attrs.field(default=0, validator=_non_negative)   # 0 = run `epochs` epochs
-    epochs: int = attrs.field(default=1, validator=_positive)
-    batch_size: int = attrs.field(default=32, validator=_positive)     # per device, per micro-step
-    grad_accum: int = attrs.field(default=1, validator=_positive)
-    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    max_steps: int = field(0, "optimizer steps; 0 = run `epochs` epochs", "optimisation", _non_negative)
+    epochs: int = field(1, "passes over the training data (when max_steps = 0)", "optimisation", _positive)
+    batch_size: int = field(32, "examples per device per micro-step", "data", _positive)
+    grad_accum: int = field(1, "micro-steps per optimizer step", "optimisation", _positive)
+    num_workers: int = field(0, "DataLoader worker processes (0 = batches built in the training process)", "data",
+                             _non_negative)
     # optimizer
-    optimizer: str = attrs.field(default="adamw", validator=_choice("adamw", "sgd"))
-    lr: float = attrs.field(default=3e-4, validator=_positive)
-    beta1: float = attrs.field(default=0.9, validator=_unit)
-    beta2: float = attrs.field(default=0.98, validator=_unit)
-    eps: float = attrs.field(default=1e-9, validator=_positive)
-    momentum: float = attrs.field(default=0.9, validator=_unit)
-    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
-    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
-    lr_schedule: str = attrs.field(default="cosine", validator=_choice("constant", "cosine", "linear", "inverse_sqrt"))
-    min_lr_ratio: float = attrs.field(default=0.1, validator=_non_negative)
-    clip_grad: float = attrs.field(default=1.0, validator=_non_negative)   # 0 = no clipping
-    label_smoothing: float = attrs.field(default=0.0, validator=_unit)
+    optimizer: str = field("adamw", "adamw | sgd", "optimisation", _choice("adamw", "sgd"))
+    lr: float = field(3e-4, "peak learning rate", "optimisation", _positive)
+    beta1: float = field(0.9, "AdamW beta1", "optimisation", _unit)
+    beta2: float = field(0.98, "AdamW beta2", "optimisation", _unit)
+    eps: float = field(1e-9, "AdamW epsilon", "optimisation", _positive)
+    momentum: float = field(0.9, "SGD momentum", "optimisation", _unit)
+    weight_decay: float = field(0.0, "decoupled weight decay (matrices only; no decay on biases, norms)",
+                                "optimisation", _non_negative)
+    warmup_steps: int = field(0, "linear warm-up steps", "optimisation", _non_negative)
+    lr_schedule: str = field("cosine", "after warm-up: constant | cosine | linear | inverse_sqrt", "optimisation",
+                             _choice("constant", "cosine", "linear", "inverse_sqrt"))
+    min_lr_ratio: float = field(0.1, "cosine/linear floor as a fraction of lr", "optimisation", _non_negative)
+    clip_grad: float = field(1.0, "clip the global gradient norm to this; 0 = no clipping", "optimisation",
+                             _non_negative)
+    label_smoothing: float = field(0.0, "label smoothing of the cross-entropy", "optimisation", _unit)
     # numerics and speed
-    precision: str = attrs.field(default="fp32", validator=_choice("fp32", "bf16", "fp16"))
-    compile: bool = False
-    activation_checkpointing: bool = False
+    precision: str = field("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scale)",
+                           "precision/speed", _choice("fp32", "bf16", "fp16"))
+    compile: bool = field(False, "torch.compile the step", "precision/speed")
+    activation_checkpointing: bool = field(False, "recompute each block's activations in backward (less memory)",
+                                           "precision/speed")
     # speed switches (docs/PERFORMANCE.md; eager engine): each also runs on CPU, as a no-op or its CPU equivalent
-    ce_chunk: int = attrs.field(default=0, validator=_non_negative)   # > 0: output layer + loss fused, in chunks
-    sdpa_backend: str = attrs.field(default="auto", validator=_choice("auto", "flash", "efficient", "cudnn", "math"))
-    cuda_graphs: bool = False               # compile with CUDA graphs (mode="reduce-overhead"); implies compile
-    optimizer_impl: str = attrs.field(default="auto", validator=_choice("auto", "fused", "foreach", "for_loop"))
-    profile: bool = False                   # torch.profiler traces + summary under <run dir>/profile (rank 0)
-    profile_steps: int = attrs.field(default=10, validator=_positive)
+    ce_chunk: int = field(0, "> 0: output layer + loss fused, in chunks of this many rows (eager engine)",
+                          "precision/speed", _non_negative)
+    sdpa_backend: str = field("auto", "attention kernel: auto | flash | efficient | cudnn | math (eager engine)",
+                              "precision/speed", _choice("auto", "flash", "efficient", "cudnn", "math"))
+    cuda_graphs: bool = field(False, "compile with CUDA graphs (mode='reduce-overhead'); implies compile",
+                              "precision/speed")
+    optimizer_impl: str = field("auto", "torch optimizer kernel: auto | fused | foreach | for_loop",
+                                "precision/speed", _choice("auto", "fused", "foreach", "for_loop"))
+    profile: bool = field(False, "torch.profiler traces + summary under <run dir>/profile (rank 0)",
+                          "precision/speed")
+    profile_steps: int = field(10, "steps the profiler records", "precision/speed", _positive)
     # logging, eval, checkpoints
-    log_every: int = attrs.field(default=10, validator=_positive)
-    eval_every: int = attrs.field(default=0, validator=_non_negative)   # 0 = at the end of each epoch
-    checkpoint_every: int = attrs.field(default=0, validator=_non_negative)   # steps; 0 = at eval and at the end
-    keep_checkpoints: int = attrs.field(default=3, validator=_positive)
-    resume: str = "auto"                    # auto | never | PATH to a run dir or checkpoint
+    log_every: int = field(10, "steps between train lines (and the ranks' agreement on stops)", "logging/eval",
+                           _positive)
+    eval_every: int = field(0, "steps between evaluations; 0 = at the end of each epoch", "logging/eval",
+                            _non_negative)
+    checkpoint_every: int = field(0, "steps between checkpoints; 0 = at evals and at the end",
+                                  "checkpoints/faults", _non_negative)
+    keep_checkpoints: int = field(3, "newest checkpoints kept (the best one is kept as well)", "checkpoints/faults",
+                                  _positive)
+    resume: str = field("auto", "auto (the run dir's latest checkpoint) | never | PATH to a run dir or checkpoint",
+                        "checkpoints/faults")
     # fault tolerance (docs/RELIABILITY.md)
-    checkpoint_every_s: float = attrs.field(default=0.0, validator=_non_negative)   # seconds; 0 = off
-    nan_policy: str = attrs.field(default="skip", validator=_choice("skip", "stop"))   # a non-finite step
-    max_restarts: int = attrs.field(default=0, validator=_non_negative)   # th.py run: torchrun --max-restarts
+    checkpoint_every_s: float = field(0.0, "seconds between checkpoints; 0 = off", "checkpoints/faults",
+                                      _non_negative)
+    nan_policy: str = field("skip", "a non-finite step: skip (keep params) | stop (save, exit 3)",
+                            "checkpoints/faults", _choice("skip", "stop"))
+    max_restarts: int = field(0, "torchrun --max-restarts: restart the group from the latest checkpoint",
+                              "checkpoints/faults", _non_negative)
     # research probes (thcore/research.py)
-    ema_decay: float = attrs.field(default=0.0, validator=_unit)   # > 0: EMA of the params, evaluated and saved
-    log_grad_noise: bool = False            # train lines get the gradient noise scale from per-example gradients
-    sharpness_every: int = attrs.field(default=0, validator=_non_negative)   # steps (a multiple of log_every); 0 = off
+    ema_decay: float = field(0.0, "> 0: EMA of the params, evaluated (ema_* metrics) and saved", "research probes",
+                             _unit)
+    log_grad_noise: bool = field(False, "train lines get the gradient noise scale (per-example gradients)",
+                                 "research probes")
+    sharpness_every: int = field(0, "steps between top Hessian eigenvalue estimates (a multiple of log_every); "
+                                    "0 = off", "research probes", _non_negative)
     # distributed (engine="ddp" or "deepspeed" under torchrun)
-    dist_timeout_s: int = attrs.field(default=600, validator=_positive)   # collective timeout: a dead peer ends the run
-    ddp_comm_hook: str = attrs.field(default="allreduce",
-                                     validator=_choice("allreduce", "bf16_compress", "fp16_compress", "powersgd"))
-    bucket_cap_mb: float = attrs.field(default=25.0, validator=_positive)
-    powersgd_rank: int = attrs.field(default=1, validator=_positive)
-    powersgd_start_iter: int = attrs.field(default=10, validator=_non_negative)
+    dist_timeout_s: int = field(600, "collective timeout in seconds: a dead or hung peer ends the run",
+                                "engine/distribution", _positive)
+    ddp_comm_hook: str = field("allreduce", "DDP gradient communication: allreduce | bf16_compress | "
+                                            "fp16_compress | powersgd", "engine/distribution",
+                               _choice("allreduce", "bf16_compress", "fp16_compress", "powersgd"))
+    bucket_cap_mb: float = field(25.0, "DDP gradient bucket size (MB)", "engine/distribution", _positive)
+    powersgd_rank: int = field(1, "PowerSGD matrix rank", "engine/distribution", _positive)
+    powersgd_start_iter: int = field(10, "PowerSGD: plain all-reduce for this many steps first",
+                                     "engine/distribution", _non_negative)
     # DeepSpeed (used by engine="deepspeed")
-    zero_stage: int = attrs.field(default=0, validator=_choice(0, 1, 2, 3))
-    offload: str = attrs.field(default="none", validator=_choice("none", "cpu", "nvme"))
-    deepspeed_config: str = ""              # a ds_config.json used as-is instead of the one built from these fields
-    nvme_path: str = "/tmp/thcore_nvme"     # offload="nvme" swap directory
+    zero_stage: int = field(0, "DeepSpeed ZeRO stage 0 | 1 | 2 | 3", "engine/distribution", _choice(0, 1, 2, 3))
+    offload: str = field("none", "DeepSpeed offload of optimizer state (and ZeRO-3 params): none | cpu | nvme",
+                         "engine/distribution", _choice("none", "cpu", "nvme"))
+    deepspeed_config: str = field("", "a ds_config.json used as-is instead of the one built from these fields",
+                                  "engine/distribution")
+    nvme_path: str = field("/tmp/thcore_nvme", "offload='nvme' swap directory", "engine/distribution")
 
     def __attrs_post_init__(self):
         # types first, also for configs built in code (from_dict already coerced CLI/JSON values): a range check

@@ -31,7 +31,9 @@ def load(run_dir: str, checkpoint: str = "", device: str = "cpu", splits=()):
         raise ConfigError(f"run_dir: {run_dir} is not a translation run")
     cfg = from_dict(TranslationConfig, {**{k: v for k, v in values.items() if k in known}, "out_dir": run_dir,
                                         "data_dir": "", "device": device})
-    task = TranslationTask(cfg, splits=splits)
+    task = TranslationTask(cfg, log=lambda m: print(m, file=sys.stderr), splits=splits)
+    for w in task.warnings:
+        print(w, file=sys.stderr)
     if checkpoint in ("", "latest"):
         found = ckpt_lib.candidates(ckpt_lib.root_of(run_dir))
         ckpt = found[0] if found else None
@@ -77,7 +79,7 @@ def eval_main(run_dir: str, split: str = "test", beam: int = 0, checkpoint: str 
     beam = beam or (task.cfg.test_beam if split == "test" else task.cfg.eval_beam)
     res = task.evaluate(state, engine, split, beam=beam)
     print(json.dumps({"checkpoint": ckpt, "split": split, "beam": beam, "sentences": len(task.data[split]),
-                      **{k: round(v, 4) for k, v in res.items()}}))
+                      **{k: round(v, 4) for k, v in res.items()}, **task.signatures}))
 
 
 def state_device(state) -> torch.device:

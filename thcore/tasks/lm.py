@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from .. import checkpoint, optim
-from ..config import Config, ConfigError, _non_negative, _positive, _unit
+from ..config import Config, ConfigError, _non_negative, _positive, _unit, field
 from ..data import lm as data
 from ..data.loader import to_device
 from ..interop import hf_gpt2
@@ -36,21 +36,26 @@ def _weights(inst, attr, value):
 @attrs.define(kw_only=True)
 class LMConfig(Config):
     # model: nanoGPT's names; defaults are nanoGPT's shakespeare_char model
-    n_layer: int = attrs.field(default=6, validator=_positive)
-    n_head: int = attrs.field(default=6, validator=_positive)
-    n_embd: int = attrs.field(default=384, validator=_positive)
-    block_size: int = attrs.field(default=256, validator=_positive)   # context length (tokens)
-    dropout: float = attrs.field(default=0.2, validator=_unit)
-    bias: bool = False                       # biases in Linear and LayerNorm (GPT-2 has them; nanoGPT trains without)
-    vocab_size: int = attrs.field(default=0, validator=_non_negative)   # 0 = meta.json's (set 50304 to pad GPT-2's 50257)
+    n_layer: int = field(6, "transformer blocks", "model", _positive)
+    n_head: int = field(6, "attention heads", "model", _positive)
+    n_embd: int = field(384, "model width", "model", _positive)
+    block_size: int = field(256, "context length in tokens", "model", _positive)
+    dropout: float = field(0.2, "dropout rate", "model", _unit)
+    bias: bool = field(False, "biases in Linear and LayerNorm (GPT-2 has them; nanoGPT trains without)", "model")
+    vocab_size: int = field(0, "0 = the data's (meta.json); e.g. 50304 pads GPT-2's 50257", "model",
+                            _non_negative)
     # data: a directory made by `th.py prepare`, or a weighted mix of several {data_dir: weight}
-    data_dir: str = ""
-    datasets: dict = attrs.field(factory=dict, validator=_weights)   # replaces data_dir when given
-    eval_iters: int = attrs.field(default=200, validator=_positive)   # batches per loss estimate (val, and train)
+    data_dir: str = field("", "a directory made by `th.py prepare` (train.bin, val.bin, meta.json)", "data")
+    datasets: dict = field(help="a weighted mix {data_dir: weight, ...}; replaces data_dir", group="data",
+                           validator=_weights, factory=dict)
+    eval_iters: int = field(200, "batches per loss estimate (val, and train)", "logging/eval", _positive)
     # where to start: "" = random init; a Hugging Face GPT-2 dir, a run dir or a checkpoint dir (fresh optimizer)
-    init_from: str = ""
-    early_stop_patience: int = attrs.field(default=0, validator=_non_negative)   # evals without a better val loss; 0 = off
-    always_save_checkpoint: bool = True      # False: eval steps save only when val loss improves (nanoGPT)
+    init_from: str = field("", "start from these weights: a Hugging Face GPT-2 dir, a run dir or a checkpoint "
+                               "(fresh optimizer)", "model")
+    early_stop_patience: int = field(0, "evals without a better val loss before stopping; 0 = off",
+                                     "logging/eval", _non_negative)
+    always_save_checkpoint: bool = field(True, "False: eval steps save only when val loss improves (nanoGPT)",
+                                         "checkpoints/faults")
     # optimizer and schedule: nanoGPT's
     lr: float = 1e-3
     beta2: float = 0.99

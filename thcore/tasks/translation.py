@@ -1,18 +1,19 @@
 """Translation: the encoder-decoder Transformer on a parallel corpus (or the built-in demo task)."""
+import json
 import os
 
 import attrs
-import sacrebleu
 import torch
 
 from .. import decode, optim
-from ..config import Config, ConfigError, _non_negative, _positive, _unit, _choice
+from ..config import Config, ConfigError, _choice, _non_negative, _positive, _unit, field
 from ..data import demo
 from ..data.loader import epoch_batches, make_loader, to_device, token_batches
 from ..data.subword import Subword, Words
 from ..data.translation import DataError, PairDataset, collate, read_parallel
 from ..data.vocab import EOS, Vocab
 from ..models import Transformer
+from ..scores import BLEU_TOKENIZERS, bleu_tokenizer, corpus_scores, signatures
 from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
 
@@ -22,47 +23,59 @@ _FILES = ("train_src", "train_tgt", "valid_src", "valid_tgt", "test_src", "test_
 @attrs.define(kw_only=True)
 class TranslationConfig(Config):
     # model: defaults are the paper's base Transformer
-    d_model: int = attrs.field(default=512, validator=_positive)
-    num_heads: int = attrs.field(default=8, validator=_positive)
-    num_encoder_layers: int = attrs.field(default=6, validator=_positive)
-    num_decoder_layers: int = attrs.field(default=6, validator=_positive)
-    d_ff: int = attrs.field(default=2048, validator=_positive)
-    dropout: float = attrs.field(default=0.1, validator=_unit)
-    activation: str = attrs.field(default="relu", validator=_choice("relu", "gelu"))
-    pre_ln: bool = False
-    tie_embeddings: bool = False            # the output layer is the target embedding
-    share_embeddings: bool = False          # one embedding table for source and target (needs joint_vocab)
+    d_model: int = field(512, "model width", "model", _positive)
+    num_heads: int = field(8, "attention heads", "model", _positive)
+    num_encoder_layers: int = field(6, "encoder blocks", "model", _positive)
+    num_decoder_layers: int = field(6, "decoder blocks", "model", _positive)
+    d_ff: int = field(2048, "feed-forward width", "model", _positive)
+    dropout: float = field(0.1, "dropout rate", "model", _unit)
+    activation: str = field("relu", "feed-forward activation: relu | gelu", "model", _choice("relu", "gelu"))
+    pre_ln: bool = field(False, "LayerNorm before each sub-layer (False: after, as in the paper)", "model")
+    tie_embeddings: bool = field(False, "the output layer is the target embedding", "model")
+    share_embeddings: bool = field(False, "one embedding table for source and target (needs joint_vocab)", "model")
     # data: DATA_DIR/{train,valid,test}.{src_lang,tgt_lang}, or line-aligned files named one by one,
     # or the built-in demo task when neither is given
-    data_dir: str = ""
-    src_lang: str = "en"
-    tgt_lang: str = "de"
-    train_src: str = ""
-    train_tgt: str = ""
-    valid_src: str = ""
-    valid_tgt: str = ""
-    test_src: str = ""
-    test_tgt: str = ""
-    tokenizer: str = attrs.field(default="word", validator=_choice("word", "bpe", "unigram"))
-    vocab_size: int = attrs.field(default=8000, validator=_positive)   # bpe / unigram, per tokenizer
-    joint_vocab: bool = False               # one vocabulary trained on both sides
-    min_freq: int = attrs.field(default=1, validator=_positive)        # word vocabulary
-    max_tokens: int = attrs.field(default=0, validator=_non_negative)  # > 0: batches by padded token count
-    max_len: int = attrs.field(default=100, validator=_positive)     # tokens, eos included
-    demo_train_size: int = attrs.field(default=20000, validator=_positive)
-    demo_valid_size: int = attrs.field(default=1000, validator=_positive)
-    demo_test_size: int = attrs.field(default=1000, validator=_positive)
-    eval_batch_size: int = attrs.field(default=250, validator=_positive)
-    eval_max_sentences: int = attrs.field(default=0, validator=_non_negative)   # valid: first N; 0 = all
-    label_smoothing: float = attrs.field(default=0.1, validator=_unit)
+    data_dir: str = field("", "directory of {train,valid,test}.{src_lang,tgt_lang} ('' with no files: the demo)",
+                          "data")
+    src_lang: str = field("en", "source file suffix (language code)", "data")
+    tgt_lang: str = field("de", "target file suffix (language code; picks the BLEU tokenizer)", "data")
+    train_src: str = field("", "training source file (one sentence per line)", "data")
+    train_tgt: str = field("", "training target file, line-aligned with train_src", "data")
+    valid_src: str = field("", "validation source file", "data")
+    valid_tgt: str = field("", "validation target file", "data")
+    test_src: str = field("", "test source file", "data")
+    test_tgt: str = field("", "test target file", "data")
+    tokenizer: str = field("word", "word | bpe | unigram (subwords from the `tokenizers` library)", "data",
+                           _choice("word", "bpe", "unigram"))
+    vocab_size: int = field(8000, "bpe / unigram vocabulary size, per tokenizer", "data", _positive)
+    joint_vocab: bool = field(False, "one vocabulary trained on both sides", "data")
+    min_freq: int = field(1, "word tokenizer: words seen fewer times become <unk>", "data", _positive)
+    max_tokens: int = field(0, "> 0: batches of at most this many padded tokens per process (length buckets); "
+                               "0: batch_size sentences", "data", _non_negative)
+    max_len: int = field(100, "longest sentence in tokens, eos included (longer training pairs are dropped)",
+                         "data", _positive)
+    demo_train_size: int = field(20000, "demo task: training pairs", "data", _positive)
+    demo_valid_size: int = field(1000, "demo task: validation pairs", "data", _positive)
+    demo_test_size: int = field(1000, "demo task: test pairs", "data", _positive)
+    eval_batch_size: int = field(250, "sentences per evaluation / decoding batch", "logging/eval", _positive)
+    eval_max_sentences: int = field(0, "validation scores the first N sentences; 0 = all (test: always all)",
+                                    "logging/eval", _non_negative)
+    label_smoothing: float = 0.1
     beta2: float = 0.98
     warmup_steps: int = 400
     # decoding: validation during training, the test split at the end, and `th.py translate/eval` defaults
-    eval_beam: int = attrs.field(default=1, validator=_positive)     # 1 = greedy
-    test_beam: int = attrs.field(default=1, validator=_positive)
-    length_penalty: float = attrs.field(default=1.0, validator=_non_negative)
-    max_len_ratio: float = attrs.field(default=1.5, validator=_non_negative)   # output <= ratio * src + 10
-    max_minutes: float = attrs.field(default=0.0, validator=_non_negative)    # > 0: time budget of the run
+    eval_beam: int = field(1, "beam size of validation (1 = greedy)", "logging/eval", _positive)
+    test_beam: int = field(1, "beam size of the test split and of th.py translate/eval", "logging/eval",
+                           _positive)
+    length_penalty: float = field(1.0, "beam scores are divided by length ** length_penalty", "logging/eval",
+                                  _non_negative)
+    max_len_ratio: float = field(1.5, "outputs stop at ratio x source length + 10 tokens", "logging/eval",
+                                 _non_negative)
+    bleu_tokenize: str = field("auto", "sacrebleu tokenizer: auto (from tgt_lang: zh, ja-mecab, ko-mecab, else "
+                                       "13a) | 13a | zh | char | intl | none | ...", "logging/eval",
+                               _choice(*BLEU_TOKENIZERS))
+    max_minutes: float = field(0.0, "> 0: time budget of the run; the lr decay follows the time used",
+                               "optimisation", _non_negative)
 
     def __attrs_post_init__(self):
         if self.data_dir:   # fill the file fields not given one by one
@@ -108,6 +121,13 @@ class TranslationTask:
             raise ConfigError(f"max_len={cfg.max_len}: every training pair is longer; raise max_len")
         self.log = log
         self.clock = optim.Clock(cfg.max_minutes * 60) if cfg.max_minutes else None
+        self.bleu_tokenize, bleu_warning = bleu_tokenizer(cfg.bleu_tokenize, cfg.tgt_lang)
+        self.signatures = signatures(self.bleu_tokenize)
+        warnings = [bleu_warning] if bleu_warning else []
+        if splits is None:   # training: say which scores the run will not have
+            warnings += [f"warning: no {name} split ({name}_src / {name}_tgt{f' in {cfg.data_dir}' if cfg.data_dir else ''}"
+                         f"): the run reports no {name} scores"
+                         for name in ("valid", "test") if name not in self.data]
         vocab = (f"joint vocab {len(self.tgt_vocab)}" if cfg.joint_vocab else
                  f"vocab src {len(self.src_vocab)} tgt {len(self.tgt_vocab)}")
         self.summary = (f"data: {'demo task' if not cfg.train_src else cfg.train_src} | "
@@ -115,7 +135,10 @@ class TranslationTask:
                                      for k, v in self.data.items())
                         + (f" | {skipped} empty lines skipped" if skipped else "")
                         + f" | {cfg.tokenizer} {vocab}"
-                        + (f" | batches of <= {cfg.max_tokens} padded tokens per process" if cfg.max_tokens else ""))
+                        + (f" | batches of <= {cfg.max_tokens} padded tokens per process" if cfg.max_tokens else "")
+                        + f" | BLEU tokenize {self.bleu_tokenize}"
+                        + "".join("\n" + w for w in warnings))
+        self.warnings = warnings
 
     @staticmethod
     def _read(cfg, names):
@@ -155,6 +178,8 @@ class TranslationTask:
         else:
             self.src_vocab.save(os.path.join(run_dir, "vocab.src.json"))
             self.tgt_vocab.save(os.path.join(run_dir, "vocab.tgt.json"))
+        with open(os.path.join(run_dir, "sacrebleu.json"), "w") as f:   # how the run's BLEU / chrF are computed
+            json.dump(self.signatures, f, indent=1)
 
     def build_model(self) -> Transformer:
         c = self.cfg
@@ -239,10 +264,21 @@ class TranslationTask:
         exact = sum(hyp[j] == data[j][1].tolist() for j in mine)
         sums[2:] += torch.tensor([exact, len(mine)], dtype=torch.float64, device=engine.device)
         loss, ntok, exact, count = engine.reduce_sum(sums).tolist()
+        # every rank gets every hypothesis (row j: its length, then its ids; one rank fills each row), so the
+        # corpus scores are sacrebleu's own on the whole split, whatever the number of ranks
+        ids = torch.zeros(n, c.max_len + 1, dtype=torch.long)
+        for j in mine:
+            ids[j, 0] = len(hyp[j])
+            ids[j, 1:1 + len(hyp[j])] = torch.tensor(hyp[j], dtype=torch.long)
+        ids = engine.reduce_sum(ids.to(engine.device)).cpu()
+        hyps = [self.tgt_vocab.decode(row[1:1 + row[0]].tolist()) for row in ids]
         refs = self.splits[split][1]
-        hyps, refs = [self.tgt_vocab.decode(hyp[j]) for j in mine], [refs[data.kept[j]] for j in mine]
-        bleu, chrf = corpus_scores(hyps, refs, engine.reduce_sum, engine.device)
-        return {"loss": loss / max(ntok, 1), "exact_match": exact / max(count, 1), "bleu": bleu, "chrf": chrf}
+        scores = corpus_scores(hyps, [refs[data.kept[j]] for j in range(n)], self.bleu_tokenize)
+        self.signatures = {"tokenize": self.bleu_tokenize,
+                           **{k: scores.pop(k) for k in ("bleu_signature", "chrf_signature")}}
+        if split == "test" and engine.rank == 0:
+            self.log(f"sacrebleu: BLEU {self.signatures['bleu_signature']} | chrF {self.signatures['chrf_signature']}")
+        return {"loss": loss / max(ntok, 1), "exact_match": exact / max(count, 1), **scores}
 
     def translate(self, state, lines: list[str], device="cpu", beam: int | None = None) -> list[str]:
         """Translations of raw source lines (tokenized here), greedy or beam search (default test_beam)."""
@@ -250,21 +286,6 @@ class TranslationTask:
         srcs = [torch.tensor(ids[:c.max_len - 1] + [EOS]) for ids in self.src_vocab.encode_batch(lines)]
         hyp = self.hypotheses(state, srcs, beam or c.test_beam, device)
         return [self.tgt_vocab.decode(hyp[i]) for i in range(len(lines))]
-
-
-def corpus_scores(hyps: list[str], refs: list[str], reduce_sum=lambda t: t, device="cpu") -> tuple[float, float]:
-    """sacrebleu corpus BLEU and chrF (default settings) of detokenized text. Both are functions of sentence
-    statistics summed over the corpus, so ranks sum theirs (`reduce_sum`) and every rank gets the exact
-    corpus score of all the sentences."""
-    out = []
-    # sacrebleu 2.x computes corpus_score from exactly these summed statistics (the methods are not public API);
-    # a rank without sentences contributes zeros: BLEU has 2 + 2 x 4 n-gram orders, chrF 3 x 6 character orders
-    for metric, width in ((sacrebleu.metrics.BLEU(), 10), (sacrebleu.metrics.CHRF(), 18)):
-        stats = metric._extract_corpus_statistics(hyps, [refs]) if hyps else []
-        summed = torch.tensor(stats, dtype=torch.float64).reshape(-1, width).sum(0).to(device)
-        summed = [int(v) for v in reduce_sum(summed).tolist()]
-        out.append(metric._compute_score_from_stats(summed).score)
-    return out[0], out[1]
 
 
 def load_tokenizer(path: str, kind: str):
