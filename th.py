@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""torch-handle command line (fire).
+"""torch-handle command line: `python th.py COMMAND --help` (or `th COMMAND --help`) for each command.
 
     python th.py run recipes/single_translation.py [--field=value ...]
     python th.py bench [--model=gpt2 --n_layer=4 ... --against=module,hf --json]   # speed: docs/PERFORMANCE.md
@@ -9,13 +9,22 @@
     python th.py translate RUN_DIR [--input=file.txt --beam=5]   # or lines on stdin; translations on stdout
     python th.py eval RUN_DIR [--split=test --beam=5]            # BLEU / chrF of a translation run's checkpoint
 """
+import os
+import sys
+
 import fire
 
 from thcore.cli import guarded
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 def run(recipe: str, **overrides):
-    """Train with RECIPE; any config field can be overridden with --field=value."""
+    """Train with RECIPE (a recipe file); every field of its Config can be overridden with --field=value
+    (`th.py run RECIPE --help` lists them, grouped, with the recipe's defaults).
+
+    recipe: a recipe file, e.g. recipes/single_translation.py (one of those listed below, or your own)
+    """
     from thcore.recipe import configure
 
     def go():
@@ -23,7 +32,7 @@ def run(recipe: str, **overrides):
         launcher = getattr(mod, "launcher", "single")
         if launcher == "single" and cfg.engine == "eager" and not cfg.max_restarts:
             from launchers.single import main
-            return main(cfg, mod.build)
+            return main(cfg, mod.build, recipe)
         from launchers.spawn import nproc, spawn   # ddp / deepspeed: start one process per device under torchrun
         if cfg.engine == "deepspeed":   # a missing DeepSpeed or a contradicting ds_config: one line, before torchrun
             from thcore.engines.deepspeed import check
@@ -33,15 +42,20 @@ def run(recipe: str, **overrides):
 
 
 def bench(**kwargs):
-    """ms/step, tokens/s, MFU and peak memory of our step, against peers (--against=module,hf) in one process."""
+    """Speed of our training step: ms/step, tokens/s, MFU and peak memory, against peers (--against=module,hf)."""
     from thcore.bench import main
     guarded(main, **kwargs)
 
 
 def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = "", val_fraction: float = 0.1):
-    """Tokenize a text file into OUT/train.bin, val.bin (uint16) and meta.json for the GPT recipes."""
-    import sys
+    """Tokenize text into OUT/train.bin, val.bin and meta.json for the GPT recipes.
 
+    input: the text file to tokenize
+    out: the output directory (train.bin, val.bin, meta.json, tokenizer files)
+    tokenizer: char (one id per character) | gpt2 (GPT-2's byte-level BPE from --tokenizer_dir)
+    tokenizer_dir: a directory with GPT-2's vocab.json and merges.txt (tokenizer=gpt2)
+    val_fraction: the share of the text kept for validation (its end)
+    """
     from thcore.data.lm import prepare as do_prepare
 
     def go():
@@ -53,21 +67,35 @@ def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = 
 
 def generate(path: str, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 200,
              num_samples: int = 1, seed: int = 1337, checkpoint: str = "", tokenizer_dir: str = "",
-             device: str = "cpu"):
-    """Sample from a GPT run dir (or one of its checkpoint dirs, or a Hugging Face GPT-2 dir with
-    --tokenizer_dir) with a KV cache; --temperature=0 is greedy. Only the generated text goes to stdout."""
+             device: str = "auto"):
+    """Sample text from a GPT with a KV cache; only the generated text goes to stdout.
+
+    path: a GPT run directory, one of its checkpoint directories, or a Hugging Face GPT-2 directory
+    prompt: the text to continue ('' = start from the end-of-text token)
+    max_new_tokens: tokens to generate per sample
+    temperature: softmax temperature; 0 = greedy
+    top_k: sample among the k most likely tokens (0 = all)
+    num_samples: independent samples, separated by a blank line
+    seed: seed of the sampling
+    checkpoint: '' or latest | best | a checkpoint directory
+    tokenizer_dir: GPT-2's vocab.json / merges.txt, for a Hugging Face directory
+    device: auto (a GPU if there is one) | cpu | cuda
+    """
+    from thcore.func import pick_device
     from thcore.generate import main
     # fire turns --prompt=123 into an int: a prompt is always text
-    guarded(main, path, str(prompt), int(max_new_tokens), float(temperature), int(top_k), int(num_samples),
-            int(seed), str(checkpoint), str(tokenizer_dir), str(device))
+    guarded(lambda: main(path, str(prompt), int(max_new_tokens), float(temperature), int(top_k), int(num_samples),
+                         int(seed), str(checkpoint), str(tokenizer_dir), str(pick_device(str(device)))))
 
 
 def export(run_dir: str, out_dir: str, format: str = "safetensors", checkpoint: str = ""):
-    """Export a run's weights (best checkpoint if recorded, else latest; or --checkpoint=PATH|best|latest):
-    --format=safetensors (params under their pytree names + the run's config) or --format=hf (a directory
-    transformers.GPT2LMHeadModel.from_pretrained loads)."""
-    import sys
+    """Export a run's weights (the best checkpoint if one is recorded, else the latest).
 
+    run_dir: the run directory
+    out_dir: where to write the export
+    format: safetensors (params under their pytree names + the run's config) | hf (transformers' layout)
+    checkpoint: '' | latest | best | a checkpoint directory
+    """
     from thcore.export import export as do_export
 
     def go():
@@ -76,21 +104,81 @@ def export(run_dir: str, out_dir: str, format: str = "safetensors", checkpoint: 
     guarded(go)
 
 
-def translate(run_dir: str, input: str = "", beam: int = 0, checkpoint: str = "", device: str = "cpu",
+def translate(run_dir: str, input: str = "", beam: int = 0, checkpoint: str = "", device: str = "auto",
               batch_size: int = 0):
-    """Translate the lines of --input (or stdin) with a translation run's latest checkpoint (--checkpoint=best
-    or a checkpoint dir for another); --beam=1 is greedy, 0 the run's test_beam. Only translations go to stdout."""
+    """Translate lines with a translation run's checkpoint; only the translations go to stdout, one per line.
+
+    run_dir: the translation run directory
+    input: a text file, one sentence per line ('' = read stdin)
+    beam: beam size; 1 = greedy, 0 = the run's test_beam
+    checkpoint: '' or latest | best | a checkpoint directory
+    device: auto (a GPU if there is one) | cpu | cuda
+    batch_size: sentences per decoding batch (0 = the run's eval_batch_size)
+    """
     from thcore.translate import translate_main
     guarded(translate_main, run_dir, str(input), int(beam), str(checkpoint), str(device), int(batch_size))
 
 
-def evaluate(run_dir: str, split: str = "test", beam: int = 0, checkpoint: str = "", device: str = "cpu"):
-    """BLEU, chrF (sacrebleu, detokenized), loss and exact match of a translation run's checkpoint on one split
-    of its data, as one JSON line on stdout; --beam=0 is the run's test_beam (test) or eval_beam (valid)."""
+def evaluate(run_dir: str, split: str = "test", beam: int = 0, checkpoint: str = "", device: str = "auto"):
+    """Score a translation run's checkpoint on one split of its data: one JSON line (bleu, chrf, loss, ...).
+
+    run_dir: the translation run directory
+    split: train | valid | test
+    beam: beam size; 1 = greedy, 0 = the run's test_beam (test) or eval_beam (valid)
+    checkpoint: '' or latest | best | a checkpoint directory
+    device: auto (a GPU if there is one) | cpu | cuda
+    """
     from thcore.translate import eval_main
     guarded(eval_main, run_dir, str(split), int(beam), str(checkpoint), str(device))
 
 
+COMMANDS = {"run": run, "bench": bench, "prepare": prepare, "generate": generate, "export": export,
+            "translate": translate, "eval": evaluate}
+
+
+def _help(prog: str, args: list[str]) -> str:
+    from thcore import help as h
+    words = [a for a in args if a not in h.HELP_FLAGS and a != "--"]
+    if not words or words[0] not in COMMANDS:
+        return h.top_help(prog, COMMANDS)
+    command, rest = words[0], [w for w in words[1:] if not w.startswith("-")]
+    if command == "run" and rest:
+        from thcore.recipe import load
+        mod = load(rest[0])
+        return h.config_help(mod.Config, f"usage: {prog} run {rest[0]} [--field=value ...]\n\n"
+                             f"Fields of {rest[0]} (--name=default  type  meaning):")
+    if command == "run":
+        return h.command_help(f"{prog} run", run) + "\n\nrecipes:\n" + h.recipes_list(ROOT)
+    if command == "bench":
+        from thcore.bench import BenchConfig
+        return h.config_help(BenchConfig, f"usage: {prog} bench [--flag=value ...]\n\n"
+                             f"{h._doc_lines(bench)[0]} (--flag=default  type  meaning):")
+    return h.command_help(f"{prog} {command}", COMMANDS[command])
+
+
+def main(argv=None, prog=None):
+    """`th.py` and the `th` command: --help for every level, unknown flags as one line, fire for the rest."""
+    from thcore import help as h
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or ("th" if os.path.basename(sys.argv[0]) == "th" else "python th.py")
+    if not argv or any(a in h.HELP_FLAGS for a in argv):
+        text = guarded(_help, prog, argv)
+        try:
+            print(text)
+            sys.stdout.flush()
+        except BrokenPipeError:   # `th.py run --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    if argv[0] in COMMANDS and argv[0] not in ("run", "bench"):   # run: config fields; bench: BenchConfig
+        guarded(h.check_flags, argv[0], COMMANDS[argv[0]], argv[1:])
+    elif argv[0] not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print(f"error: unknown command {argv[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}; commands: "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    fire.Fire(COMMANDS, command=argv, name=prog)
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "bench": bench, "prepare": prepare, "generate": generate, "export": export,
-               "translate": translate, "eval": evaluate})
+    main()

@@ -23,7 +23,8 @@ def tiny_config(tmp_path, **overrides):
 
 def th(*args, timeout=300, check=True, **kw):
     """Run `python th.py ...` from the repo root; returns the CompletedProcess."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "th.py"), *map(str, args)], cwd=ROOT,
+    kw.setdefault("cwd", ROOT)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "th.py"), *map(str, args)],
                        capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"th.py {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")

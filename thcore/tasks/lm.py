@@ -129,7 +129,8 @@ class LMTask:
         c = self.cfg
         state = init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device,
                            lr=optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio),
-                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad, **speed_options(c)))
+                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad,
+                                              label_smoothing=c.label_smoothing, **speed_options(c)))
         if c.init_from and not checkpoint.resolve(c.resume, c.run_dir):   # resuming: the checkpoint wins anyway
             _, params, src = hf_gpt2.load_gpt(c.init_from)
             params["transformer.wpe.weight"] = params["transformer.wpe.weight"][:c.block_size]   # nanoGPT's crop
