@@ -47,21 +47,61 @@ def bench(**kwargs):
     guarded(main, **kwargs)
 
 
-def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = "", val_fraction: float = 0.1):
-    """Tokenize text into OUT/train.bin, val.bin and meta.json for the GPT recipes.
+def prepare(input: str = "", out: str = "", task: str = "lm", tokenizer: str = "", tokenizer_dir: str = "",
+            val_fraction: float = 0.1, text_field: str = "text", data_dir: str = "", src_lang: str = "en",
+            tgt_lang: str = "de", vocab_size: int = 8000, joint_vocab: bool = False, min_freq: int = 1,
+            tokenizer_sample: int = 1_000_000, progress: bool = True):
+    """Tokenize a corpus once, streaming in bounded memory: OUT/train.bin, val.bin and meta.json for the GPT
+    recipes, or (--task=translation) token memmaps of every split for a run's --prepared=OUT.
 
-    input: the text file to tokenize
-    out: the output directory (train.bin, val.bin, meta.json, tokenizer files)
-    tokenizer: char (one id per character) | gpt2 (GPT-2's byte-level BPE from --tokenizer_dir)
+    input: lm: a text file, a directory or a glob of files (.gz read too; .jsonl / .ndjson as JSON Lines)
+    out: the output directory (token files, meta.json written last, tokenizer files)
+    task: lm | translation
+    tokenizer: lm: char (default) | gpt2 (GPT-2's BPE from --tokenizer_dir); translation: word (default) | bpe | unigram
     tokenizer_dir: a directory with GPT-2's vocab.json and merges.txt (tokenizer=gpt2)
-    val_fraction: the share of the text kept for validation (its end)
+    val_fraction: lm: the share kept for validation (the end of a single text, else documents evenly spread)
+    text_field: lm: the field of a JSON Lines record that holds its text
+    data_dir: translation: the directory of {train,valid,test}.{src_lang,tgt_lang}
+    src_lang: translation: the source file suffix
+    tgt_lang: translation: the target file suffix
+    vocab_size: translation: bpe / unigram vocabulary size, per tokenizer
+    joint_vocab: translation: one vocabulary trained on both sides
+    min_freq: translation: word tokenizer: words seen fewer times become <unk>
+    tokenizer_sample: translation: the tokenizer trains on at most this many pairs, evenly spread (0 = all)
+    progress: a progress bar on stderr (MB/s, tokens)
     """
-    from thcore.data.lm import prepare as do_prepare
+    from thcore.config import ConfigError
 
     def go():
-        meta = do_prepare(input, out, tokenizer, tokenizer_dir, val_fraction)
-        print(f"{out}: vocab {meta['vocab_size']} ({tokenizer}), train {meta['train_tokens']:,} tokens, "
-              f"val {meta['val_tokens']:,} tokens", file=sys.stderr)
+        if not out:
+            raise ConfigError("out: required (the directory to write)")
+        if task == "lm":
+            from thcore.data.lm import prepare as do_prepare
+            if not input:
+                raise ConfigError("input: required (a text file, a directory or a glob)")
+            kind = tokenizer or "char"
+            meta = do_prepare(str(input), str(out), kind, str(tokenizer_dir), float(val_fraction), str(text_field),
+                              bool(progress))
+            print(f"{out}: vocab {meta['vocab_size']} ({kind}, {meta['dtype']}), train {meta['train_tokens']:,} "
+                  f"tokens, val {meta['val_tokens']:,} tokens", file=sys.stderr)
+        elif task == "translation":
+            from thcore.data.translation import prepare as do_prepare
+            if not data_dir or not os.path.isdir(data_dir):
+                raise ConfigError(f"data_dir={data_dir!r}: required with --task=translation (a directory of "
+                                  "{train,valid,test}.{src_lang,tgt_lang})")
+            kind = tokenizer or "word"
+            if kind not in ("word", "bpe", "unigram"):
+                raise ConfigError(f"tokenizer={kind!r}: must be one of 'word', 'bpe', 'unigram'")
+            files = {split: tuple(os.path.join(data_dir, f"{split}.{lang}") for lang in (src_lang, tgt_lang))
+                     for split in ("train", "valid", "test")}
+            files = {k: v for k, v in files.items() if k == "train" or os.path.isfile(v[0]) or os.path.isfile(v[1])}
+            meta = do_prepare(str(out), files, kind, int(vocab_size), bool(joint_vocab), int(min_freq),
+                              int(tokenizer_sample), show_progress=bool(progress),
+                              log=lambda msg: print(msg, file=sys.stderr))
+            print(f"{out}: {kind} vocab src {meta['vocab']['src']} tgt {meta['vocab']['tgt']} ({meta['dtype']}) | "
+                  + " | ".join(f"{k} {v['pairs']:,} pairs" for k, v in meta["splits"].items()), file=sys.stderr)
+        else:
+            raise ConfigError(f"task={task!r}: must be 'lm' or 'translation'")
     guarded(go)
 
 

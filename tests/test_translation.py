@@ -63,7 +63,7 @@ def test_task_vocabularies_joint_separate_and_word(tmp_path):
     word = TranslationTask(_cfg(tmp_path / "w", tokenizer="word", min_freq=2, **base))
     assert len(word.src_vocab) < len({w for line in m30k("train", "en", 600) for w in line.split()})
     # the saved vocabularies are the ones a resumed run (and th.py translate/eval) reads back
-    os.makedirs(tmp_path / "j")
+    os.makedirs(tmp_path / "j", exist_ok=True)   # the run directory holds the prepared corpus already
     joint.save_assets(str(tmp_path / "j"))
     back = TranslationTask(_cfg(tmp_path / "j", tokenizer="bpe", joint_vocab=True, **base), splits=("test",))
     assert set(back.data) == {"test"}
@@ -261,7 +261,9 @@ def test_empty_lines_skipped_and_counted_invalid_utf8_named(tmp_path):
     (d / "train.en").write_text("a cat\n\nthe dog\n \nred fox\n")
     (d / "train.de").write_text("eine katze\nleer\nder hund\nauch leer\n\n")
     task = TranslationTask(_cfg(tmp_path / "r", data_dir=str(d), tokenizer="bpe", vocab_size=60))
-    assert task.splits["train"] == (["a cat", "the dog"], ["eine katze", "der hund"])
+    train = task.data["train"]   # prepared into the run directory; decoded back to the kept lines
+    assert [(task.src_vocab.decode(s.tolist()), task.tgt_vocab.decode(t.tolist() + [2])) for s, t in train.pairs] \
+        == [("a cat", "eine katze"), ("the dog", "der hund")]
     assert len(task.data["train"]) == 2 and "3 empty lines skipped" in task.summary
     (d / "valid.en").write_bytes(b"ok\nalso ok\n\xc3\x28 bad\n")
     (d / "valid.de").write_text("gut\nauch gut\nschlecht\n")

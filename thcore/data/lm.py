@@ -1,15 +1,15 @@
-"""Language-model data: prepare a text file into token memmaps, and draw random training windows from them.
+"""Language-model data: prepare a corpus of any size into token memmaps, and draw random training windows from them.
 
 A prepared directory (nanoGPT's layout, without the pickle):
 
-    train.bin, val.bin   token ids as a flat uint16 array (first 90% of the characters / the last 10%)
+    train.bin, val.bin   token ids as a flat uint16 array (uint32 for vocabularies over 65,536): the first 90%
+                         of the characters / the last 10% of a single text, or documents split 90/10
     meta.json            vocab_size, token counts, and the tokenizer: {"kind": "char", "chars": [...]} or
                          {"kind": "gpt2", ...} with its vocab.json / merges.txt copied alongside
 
 Batches are windows at random offsets, as in nanoGPT; the offsets of micro-batch `index` of `epoch` on `rank`
 come from a generator seeded with (seed, epoch, index, rank) alone, so a resumed run draws the same windows.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from . import corpus
 
 META = "meta.json"
 GPT2_FILES = ("vocab.json", "merges.txt")
@@ -26,12 +27,14 @@ TRAIN, VAL = 0, 1   # stream tags: train and val windows never share a seed
 
 # -- tokenizers ----------------------------------------------------------------------------------------------
 class CharTokenizer:
-    """One id per distinct character of the training text, in sorted order (nanoGPT's shakespeare_char)."""
+    """One id per distinct character of the training text, in sorted order (nanoGPT's shakespeare_char); with
+    `eot`, one more id after them separates documents (decoded as nothing)."""
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], eot: bool = False):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        self.eot = len(self.chars) if eot else None
+        self.vocab_size = len(self.chars) + bool(eot)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -40,10 +43,10 @@ class CharTokenizer:
             raise ConfigError(f"character {e.args[0]!r} is not in this {self.vocab_size}-character vocabulary") from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        return "".join(self.chars[int(i)] for i in ids if int(i) != self.eot)
 
     def describe(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars, **({"eot": self.eot} if self.eot is not None else {})}
 
     @property
     def default_start(self) -> list[int]:
@@ -65,6 +68,7 @@ class GPT2Tokenizer:
         self.directory = directory
         self.tok = ByteLevelBPETokenizer(*files)   # add_prefix_space=False: GPT-2's own behaviour
         self.vocab_size = self.tok.get_vocab_size()
+        self.eot = self.tok.token_to_id(self.EOT)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -87,53 +91,209 @@ def load_tokenizer(directory: str, meta: dict | None = None):
         meta = read_meta(directory)
     kind = (meta or {}).get("tokenizer", {}).get("kind", "gpt2")
     if kind == "char":
-        return CharTokenizer(meta["tokenizer"]["chars"])
+        return CharTokenizer(meta["tokenizer"]["chars"], eot="eot" in meta["tokenizer"])
     return GPT2Tokenizer(directory)
 
 
 # -- prepare -------------------------------------------------------------------------------------------------
-def _write_ids(ids, path: str, vocab_size: int):
-    if vocab_size > 65536:
-        raise ConfigError(f"vocab_size={vocab_size}: does not fit the uint16 token files")
-    np.asarray(ids, dtype=np.uint16).tofile(path)
+# Prepare streams: memory is bounded by the block size, whatever the input's size. A document is a plain-text
+# file or a JSON Lines record; documents of a split are separated by the end-of-text token. One document (a
+# single text file, e.g. tiny Shakespeare) is split as nanoGPT does: the first (1 - val_fraction) of its
+# characters train, the rest val; several are split by documents, val taking an evenly spread val_fraction.
+ENCODE_CHARS = 1 << 22   # characters per encode call
+PIECE_CHARS = 1 << 16    # characters per piece of a call: the pieces are encoded in parallel
 
 
-def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = "", val_fraction: float = 0.1) -> dict:
-    """Tokenize text file `input` into `out`/{train.bin, val.bin, meta.json}; returns the meta."""
-    if not os.path.isfile(input):
-        raise ConfigError(f"input: file not found: {input}")
+def dtype_for(vocab_size: int) -> str:
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    if vocab_size <= 1 << 32:
+        return "uint32"
+    raise ConfigError(f"vocab_size={vocab_size}: does not fit the uint32 token files")
+
+
+def safe_cut(text: str, lo: int, hi: int) -> int:
+    """The last position p in (lo, hi) where the text can be cut without changing GPT-2's tokens, or -1.
+
+    GPT-2's pre-tokenizer splits the text into words by a regex without look-behind, and merges never cross
+    words, so a cut where a word ends and the next one's match starts without context keeps every token: after a
+    newline that follows a non-space and precedes a non-space (the newline is a word of its own there), or, in
+    text without such newlines, before a space that sits between two letters (" word" is the next word)."""
+    hi = min(hi, len(text) - 1)
+    j = text.rfind("\n", lo + 1, hi)
+    while j > lo:
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j + 1
+        j = text.rfind("\n", lo + 1, j)
+    j = text.rfind(" ", lo + 1, hi)
+    while j > lo:
+        if text[j - 1].isalpha() and text[j + 1].isalpha():
+            return j
+        j = text.rfind(" ", lo + 1, j)
+    return -1
+
+
+class _CharEncoder:
+    """Characters to ids through a table indexed by code point (numpy: no Python loop per character)."""
+
+    def __init__(self, tok: "CharTokenizer"):
+        cps = np.array([ord(c) for c in tok.chars], dtype=np.int64)
+        self.table = np.full(int(cps.max()) + 1 if len(cps) else 1, -1, dtype=np.int64)
+        self.table[cps] = np.arange(len(cps))
+
+    def feed(self, text: str) -> np.ndarray:
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        return self.table[cps]
+
+    def flush(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+
+class _BPEEncoder:
+    """Text fed in blocks is encoded in calls of ~ENCODE_CHARS, cut only where `safe_cut` allows, each call
+    a batch of ~PIECE_CHARS pieces that `tokenizers` encodes on all cores."""
+
+    def __init__(self, tok: "GPT2Tokenizer"):
+        self.tok = tok.tok
+        self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)   # the same ids, no offsets
+        self.pending = ""
+
+    def _encode(self, text: str) -> np.ndarray:
+        pieces, lo = [], 0
+        while len(text) - lo > PIECE_CHARS:
+            p = safe_cut(text, lo + PIECE_CHARS // 2, lo + PIECE_CHARS)
+            if p < 0:
+                p = safe_cut(text, lo, len(text))
+                if p <= lo:
+                    break
+            pieces.append(text[lo:p])
+            lo = p
+        pieces.append(text[lo:])
+        encs = self.encode(pieces)
+        return np.concatenate([np.array(e.ids, dtype=np.int64) for e in encs]) if encs else np.zeros(0, np.int64)
+
+    def feed(self, text: str) -> np.ndarray:
+        self.pending += text
+        if len(self.pending) < ENCODE_CHARS:
+            return np.zeros(0, dtype=np.int64)
+        p = safe_cut(self.pending, 0, len(self.pending))
+        if p < 0:
+            if len(self.pending) < 16 * ENCODE_CHARS:
+                return np.zeros(0, dtype=np.int64)
+            p = len(self.pending)   # no cut in 64M characters: cut anyway (tokens at this one seam may differ)
+        text, self.pending = self.pending[:p], self.pending[p:]
+        return self._encode(text)
+
+    def flush(self) -> np.ndarray:
+        text, self.pending = self.pending, ""
+        return self._encode(text) if text else np.zeros(0, dtype=np.int64)
+
+
+def _documents(files: list[str], text_field: str, hasher=None, on_bytes=None):
+    """Per document, an iterator over its text in blocks."""
+    for path in files:
+        reader = corpus.Reader(path, hasher, on_bytes)
+        if corpus.is_jsonl(path):
+            for text in corpus.jsonl_texts(reader, text_field):
+                yield iter((text,))
+        else:
+            yield corpus.text_blocks(reader)
+
+
+def _scan(files: list[str], text_field: str, want_chars: bool, show: bool):
+    """(documents, characters of the first document, the set of characters or None): what the split and the
+    char vocabulary need before encoding, in one streaming pass that skips what is not needed."""
+    jsonl = [corpus.is_jsonl(f) for f in files]
+    if not want_chars and not any(jsonl) and len(files) > 1:
+        return len(files), 0, None   # one document per text file: nothing to read
+    chars, n_docs, first = set(), 0, 0
+    total = sum(os.path.getsize(f) for f in files)
+    with corpus.progress(total, "scan", show) as bar:
+        if not want_chars and all(jsonl):   # count the records without parsing them (pass 2 parses)
+            for f in files:
+                n_docs += sum(1 for b in corpus.Reader(f, on_bytes=bar.update).lines() if b.strip())
+            return n_docs, 0, None
+        for blocks in _documents(files, text_field, on_bytes=bar.update):
+            for text in blocks:
+                if n_docs == 0:
+                    first += len(text)
+                if want_chars:
+                    chars.update(text)
+            n_docs += 1
+    return n_docs, first, (chars if want_chars else None)
+
+
+def _val_documents(n_docs: int, val_fraction: float) -> int:
+    return min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+
+
+def _is_val(i: int, n_docs: int, n_val: int) -> bool:
+    """Document i is in val when the evenly spread count of val documents steps at i."""
+    return (i + 1) * n_val // n_docs > i * n_val // n_docs
+
+
+def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = "", val_fraction: float = 0.1,
+            text_field: str = "text", show_progress: bool = False) -> dict:
+    """Tokenize `input` (a text file, directory or glob; .gz and JSON Lines read too) into
+    `out`/{train.bin, val.bin, meta.json}, streaming; returns the meta."""
     if tokenizer not in ("char", "gpt2"):
         raise ConfigError(f"tokenizer={tokenizer!r}: must be 'char' or 'gpt2'")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction={val_fraction!r}: must be in (0, 1)")
-    raw = open(input, "rb").read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"input: {input}: not valid UTF-8 at byte {e.start}") from None
-    n = int(len(text) * (1 - val_fraction))
-    parts = {"train": text[:n], "val": text[n:]}   # split the text, then encode: as nanoGPT
-    if tokenizer == "char":
-        tok = CharTokenizer(sorted(set(text)))   # the whole text: val may hold a character train lacks
-    else:
+    files = corpus.expand(input)
+    if tokenizer == "gpt2":
         if not tokenizer_dir:
             raise ConfigError("tokenizer_dir: required with tokenizer='gpt2' (a directory with vocab.json and merges.txt)")
         tok = GPT2Tokenizer(tokenizer_dir)
-    os.makedirs(out, exist_ok=True)
-    counts = {}
-    for split, part in parts.items():
-        ids = tok.encode(part)
-        counts[f"{split}_tokens"] = len(ids)
-        _write_ids(ids, os.path.join(out, f"{split}.bin"), tok.vocab_size)
-    if tokenizer == "gpt2":   # the prepared directory is self-contained: decoding needs no other path
-        for f in GPT2_FILES:
-            if os.path.abspath(os.path.join(tokenizer_dir, f)) != os.path.abspath(os.path.join(out, f)):
-                shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(out, f))
-    meta = {"vocab_size": tok.vocab_size, "tokenizer": tok.describe(), "dtype": "uint16", **counts,
-            "source": os.path.abspath(input), "source_sha256": hashlib.sha256(raw).hexdigest(),
-            "val_fraction": val_fraction}
-    with open(os.path.join(out, META), "w") as f:
-        json.dump(meta, f, indent=1)
+    n_docs, first_chars, chars = _scan(files, text_field, tokenizer == "char", show_progress)
+    if n_docs == 0:
+        raise ConfigError(f"input: {input}: no documents (every JSON Lines file is empty)")
+    if tokenizer == "char":   # the whole input: val may hold a character train lacks
+        tok = CharTokenizer(sorted(chars), eot=n_docs > 1)
+    eot = tok.eot
+    dtype = dtype_for(tok.vocab_size)
+    n_val = _val_documents(n_docs, val_fraction) if n_docs > 1 else 0
+    cut = int(first_chars * (1 - val_fraction)) if n_docs == 1 else -1   # as nanoGPT: split the text, then encode
+    hasher = corpus.sha256()
+    counts = {"train_tokens": 0, "val_tokens": 0}
+    with corpus.Staging(out) as stage, corpus.progress(sum(os.path.getsize(f) for f in files), "prepare",
+                                                       show_progress) as bar:
+        outs = {s: open(stage.path(f"{s}.bin"), "wb") for s in ("train", "val")}
+        used = {"train": False, "val": False}
+
+        def write(split, ids):
+            if len(ids):
+                ids.astype(dtype).tofile(outs[split])
+                counts[f"{split}_tokens"] += len(ids)
+                bar.set_postfix_str(f"{counts['train_tokens'] + counts['val_tokens']:,} tokens", refresh=False)
+
+        def encoder():
+            return _CharEncoder(tok) if tokenizer == "char" else _BPEEncoder(tok)
+
+        for i, blocks in enumerate(_documents(files, text_field, hasher, bar.update)):
+            split = "val" if n_val and _is_val(i, n_docs, n_val) else "train"
+            if used[split] and eot is not None:
+                write(split, np.array([eot]))
+            used[split] = True
+            enc, seen = encoder(), 0
+            for text in blocks:
+                if 0 <= cut < seen + len(text) and split == "train":   # the one-document split point
+                    write(split, enc.feed(text[:cut - seen]))
+                    write(split, enc.flush())
+                    split, enc, text, seen = "val", encoder(), text[cut - seen:], cut
+                write(split, enc.feed(text))
+                seen += len(text)
+            write(split, enc.flush())
+        for f in outs.values():
+            f.close()
+        if tokenizer == "gpt2":   # the prepared directory is self-contained: decoding needs no other path
+            for f in GPT2_FILES:
+                shutil.copyfile(os.path.join(tokenizer_dir, f), stage.path(f))
+        meta = {"vocab_size": tok.vocab_size, "tokenizer": tok.describe(), "dtype": dtype, **counts,
+                "source": os.path.abspath(input), "source_sha256": hasher.hexdigest(), "val_fraction": val_fraction}
+        if n_docs > 1:
+            meta.update(documents=n_docs, val_documents=n_val, files=len(files))
+        stage.commit(meta)
     return meta
 
 
@@ -157,10 +317,11 @@ def copy_tokenizer(src_dir: str, dst_dir: str, meta: dict):
 
 # -- windows -------------------------------------------------------------------------------------------------
 def open_split(directory: str, split: str) -> np.memmap:
+    """A split's tokens, memory-mapped, in the dtype meta.json names (uint16 or uint32)."""
     path = os.path.join(directory, f"{split}.bin")
     if not os.path.isfile(path):
         raise ConfigError(f"data_dir: {path}: not found")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, dtype=np.dtype(read_meta(directory).get("dtype", "uint16")), mode="r")
 
 
 def seed_of(*parts: int) -> int:

@@ -1,5 +1,6 @@
 """Deterministic, resumable batching: the order of epoch `e` is a function of (seed, e) alone, so a run
 resumed at micro-batch `start` of an epoch sees exactly the batches the uninterrupted run saw."""
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
@@ -41,31 +42,57 @@ def device_batches(batches, device):
         yield batch
 
 
-def token_batches(sizes: list[int], max_tokens: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
-                  shuffle: bool = True) -> list[list[int]]:
-    """This rank's index batches for `epoch`, built by token count: examples sorted by `sizes` (the padded
-    length each one needs, e.g. max(source, target) tokens) are cut into runs whose padded size
-    len(batch) x max(sizes) stays within `max_tokens`, then the batches are shuffled.
+def token_batches(sizes, max_tokens: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                  shuffle: bool = True) -> "Batches":
+    """This rank's index batches for `epoch`, built by token count from length buckets: examples sorted by
+    `sizes` (the padded length each one needs, e.g. max(source, target) tokens) are cut into runs whose padded
+    size len(batch) x max(sizes) stays within `max_tokens`, then the batches are shuffled.
 
     Ties in size are broken by a (seed, epoch) permutation, so batches mix differently every epoch; their
     number is the same for every epoch (it depends on the sorted sizes alone), which keeps the steps per epoch
     fixed and a resumed epoch identical. With several ranks, rank r takes every world-th batch of the
-    shuffled list, the remainder dropped so that ranks step together."""
+    shuffled list, the remainder dropped so that ranks step together. Arrays throughout (numpy): no Python
+    object per example, whatever the corpus size."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) and sizes.max() > max_tokens:
+        raise ValueError(f"an example of {int(sizes.max())} tokens does not fit max_tokens={max_tokens}")
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(len(sizes), generator=g).tolist() if shuffle else list(range(len(sizes)))
-    order = sorted(perm, key=lambda i: sizes[i])   # stable: equal sizes keep the permuted order
-    batches, cur, longest = [], [], 0
-    for i in order:
-        if sizes[i] > max_tokens:
-            raise ValueError(f"an example of {sizes[i]} tokens does not fit max_tokens={max_tokens}")
-        if cur and (len(cur) + 1) * max(longest, sizes[i]) > max_tokens:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, sizes[i])
-    if cur:
-        batches.append(cur)
+    perm = torch.randperm(len(sizes), generator=g).numpy() if shuffle else np.arange(len(sizes))
+    order = perm[np.argsort(sizes[perm], kind="stable")]   # stable: equal sizes keep the permuted order
+    sorted_sizes = sizes[order]
+    # greedy cut: a batch from `start` ends before the first k with (k + 1) x sorted_sizes[start + k] > max_tokens
+    # (sizes ascend, so the newest example is the longest); k <= max_tokens since every size is >= 1
+    bounds, start, n = [0], 0, len(order)
+    while start < n:
+        window = sorted_sizes[start:start + max_tokens]
+        over = np.flatnonzero(np.arange(1, len(window) + 1) * window > max_tokens)
+        start += int(over[0]) if len(over) else len(window)
+        bounds.append(start)
+    bounds = np.array(bounds, dtype=np.int64)
+    picks = np.arange(len(bounds) - 1)
     if shuffle:
-        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
-    per_rank = len(batches) // world
-    return batches[rank::world][:per_rank]
+        picks = torch.randperm(len(picks), generator=g).numpy()
+    per_rank = len(picks) // world
+    return Batches(order, bounds, picks[rank::world][:per_rank])
+
+
+class Batches:
+    """A list of index batches held as arrays: batch b is order[bounds[p]:bounds[p + 1]] for p = picks[b]."""
+
+    def __init__(self, order: np.ndarray, bounds: np.ndarray, picks: np.ndarray):
+        self.order, self.bounds, self.picks = order, bounds, picks
+
+    def __len__(self):
+        return len(self.picks)
+
+    def __getitem__(self, b):
+        if isinstance(b, slice):
+            return Batches(self.order, self.bounds, self.picks[b])
+        p = self.picks[b]
+        return self.order[self.bounds[p]:self.bounds[p + 1]].tolist()
+
+    def __iter__(self):
+        return (self[b] for b in range(len(self)))
+
+    def __eq__(self, other):
+        return list(self) == list(other)

@@ -10,7 +10,11 @@ from ..config import Config, ConfigError, _choice, _non_negative, _positive, _un
 from ..data import demo
 from ..data.loader import epoch_batches, make_loader, to_device, token_batches
 from ..data.subword import Subword, Words
-from ..data.translation import DataError, PairDataset, collate, read_parallel
+from ..data.translation import (SPLITS, DataError, TokenPairs, collate, read_parallel, read_refs, tokenizer_files,
+                                up_to_date)
+from ..data.translation import prepare as prepare_pairs
+from ..data.translation import read_meta as read_prepared
+from ..data.translation import settings as prepare_settings
 from ..data.vocab import EOS, Vocab
 from ..models import Transformer
 from ..scores import BLEU_TOKENIZERS, bleu_tokenizer, corpus_scores, signatures
@@ -54,6 +58,10 @@ class TranslationConfig(Config):
                                "0: batch_size sentences", "data", _non_negative)
     max_len: int = field(100, "longest sentence in tokens, eos included (longer training pairs are dropped)",
                          "data", _positive)
+    prepared: str = field("", "a directory made by `th.py prepare --task=translation`, read memory-mapped on "
+                              "every rank (nothing trained or encoded); replaces data_dir and the file fields", "data")
+    tokenizer_sample: int = field(1_000_000, "the tokenizer trains on at most this many training pairs, evenly "
+                                             "spread (0 = all)", "data", _non_negative)
     demo_train_size: int = field(20000, "demo task: training pairs", "data", _positive)
     demo_valid_size: int = field(1000, "demo task: validation pairs", "data", _positive)
     demo_test_size: int = field(1000, "demo task: test pairs", "data", _positive)
@@ -112,11 +120,10 @@ class TranslationTask:
         """`splits`: read only these (e.g. ("test",) to evaluate a finished run, whose vocabularies are then
         read from its run directory); None = all, for training."""
         self.cfg = cfg
-        self.splits, skipped = self._read(cfg, splits or ("train", "valid", "test"))
-        self.src_vocab, self.tgt_vocab = self._tokenizers(cfg, self.splits.get("train"), trained=splits is None)
-        self.data = {name: PairDataset(s, t, self.src_vocab, self.tgt_vocab, cfg.max_len,
-                                       truncate=name != "train")
-                     for name, (s, t) in self.splits.items()}
+        # self.splits: {split: (source lines, reference lines)} (evaluation splits of a prepared corpus: the
+        # references only); self.data: {split: TokenPairs}, memory-mapped from a prepared directory when there is one
+        self.prepared, self.splits, self.data, skipped = self._read(cfg, SPLITS if splits is None else splits,
+                                                                    training=splits is None, log=log)
         if splits is None and not len(self.data["train"]):
             raise ConfigError(f"max_len={cfg.max_len}: every training pair is longer; raise max_len")
         self.log = log
@@ -130,7 +137,7 @@ class TranslationTask:
                          for name in ("valid", "test") if name not in self.data]
         vocab = (f"joint vocab {len(self.tgt_vocab)}" if cfg.joint_vocab else
                  f"vocab src {len(self.src_vocab)} tgt {len(self.tgt_vocab)}")
-        self.summary = (f"data: {'demo task' if not cfg.train_src else cfg.train_src} | "
+        self.summary = (f"data: {self.prepared or ('demo task' if not cfg.train_src else cfg.train_src)} | "
                         + " | ".join(f"{k} {len(v)} pairs" + (f" ({v.dropped} over max_len dropped)" if v.dropped else "")
                                      for k, v in self.data.items())
                         + (f" | {skipped} empty lines skipped" if skipped else "")
@@ -140,18 +147,58 @@ class TranslationTask:
                         + "".join("\n" + w for w in warnings))
         self.warnings = warnings
 
-    @staticmethod
-    def _read(cfg, names):
+    def _read(self, cfg, names, training: bool, log):
+        """(prepared directory or None, splits, data, empty pairs skipped); sets the tokenizers. A training run
+        reads a prepared directory: `prepared`, or the one it prepares from raw files into its run directory
+        (once; resumes reuse it). The demo task, and one split of a finished run given raw files, are encoded in
+        memory."""
+        directory = cfg.prepared or (self._prepare(cfg, log) if training and cfg.train_src else "")
+        if directory:
+            meta = read_prepared(directory)
+            if cfg.prepared:
+                _check_settings(cfg, meta, directory)
+            if training:
+                self.src_vocab, self.tgt_vocab = _load_tokenizers(directory, cfg.tokenizer, meta["joint_vocab"])
+            else:
+                self.src_vocab, self.tgt_vocab = self._tokenizers(cfg, None, trained=False)
+            names = [n for n in names if n in meta["splits"]]
+            data = {n: TokenPairs.open(directory, n, cfg.max_len, truncate=n != "train", dtype=meta["dtype"])
+                    for n in names}
+            splits = {n: ((), read_refs(directory, n)) for n in names if n != "train"}
+            return directory, splits, data, sum(meta["splits"][n]["skipped"] for n in names)
         if not cfg.train_src:
             out = demo.splits(cfg.demo_train_size, cfg.demo_valid_size, cfg.demo_test_size, seed=0)
-            return {k: v for k, v in out.items() if k in names}, 0
-        out, skipped = {}, 0
-        for name in names:
-            if getattr(cfg, f"{name}_src"):
-                s, t, n = read_parallel(getattr(cfg, f"{name}_src"), getattr(cfg, f"{name}_tgt"),
-                                        f"{name}_src", f"{name}_tgt")
-                out[name], skipped = (s, t), skipped + n
-        return out, skipped
+            lines, skipped = {k: v for k, v in out.items() if k in names}, 0
+        else:
+            lines, skipped = {}, 0
+            for name in names:
+                if getattr(cfg, f"{name}_src"):
+                    s, t, n = read_parallel(getattr(cfg, f"{name}_src"), getattr(cfg, f"{name}_tgt"),
+                                            f"{name}_src", f"{name}_tgt")
+                    lines[name], skipped = (s, t), skipped + n
+        self.src_vocab, self.tgt_vocab = self._tokenizers(cfg, lines.get("train"), trained=training)
+        data = {n: TokenPairs.from_lines(s, t, self.src_vocab, self.tgt_vocab, cfg.max_len, truncate=n != "train")
+                for n, (s, t) in lines.items()}
+        return None, lines, data, skipped
+
+    @staticmethod
+    def _prepare(cfg, log) -> str:
+        """RUN_DIR/prepared from the raw files, by rank 0 while the other ranks wait; kept when its sources and
+        tokenizer settings are unchanged. A resumed run whose data changed keeps its tokenizers (the ids of its
+        checkpoints)."""
+        directory = os.path.join(cfg.run_dir, "prepared")
+        files = {n: (getattr(cfg, f"{n}_src"), getattr(cfg, f"{n}_tgt")) for n in SPLITS if getattr(cfg, f"{n}_src")}
+        want = prepare_settings(cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq, cfg.tokenizer_sample)
+        ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if (not ranked or torch.distributed.get_rank() == 0) and not up_to_date(directory, files, want):
+            mine = [os.path.join(cfg.run_dir, n) for n in tokenizer_files(cfg.joint_vocab)]
+            keep = (tuple(load_tokenizer(p, cfg.tokenizer) for p in mine)
+                    if cfg.resume != "never" and all(os.path.isfile(p) for p in mine) else None)
+            prepare_pairs(directory, files, cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq,
+                          cfg.tokenizer_sample, tokenizers=keep, log=log)
+        if ranked:
+            torch.distributed.barrier()
+        return directory
 
     @staticmethod
     def _tokenizers(cfg, train, trained=True):
@@ -286,6 +333,23 @@ class TranslationTask:
         srcs = [torch.tensor(ids[:c.max_len - 1] + [EOS]) for ids in self.src_vocab.encode_batch(lines)]
         hyp = self.hypotheses(state, srcs, beam or c.test_beam, device)
         return [self.tgt_vocab.decode(hyp[i]) for i in range(len(lines))]
+
+
+def _check_settings(cfg, meta: dict, directory: str):
+    """A prepared corpus is read with the tokenizer it was made with: the config must agree with it."""
+    fields = ["tokenizer", "joint_vocab", "min_freq" if cfg.tokenizer == "word" else "vocab_size"]
+    for name in fields:
+        if meta[name] != getattr(cfg, name):
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: the prepared corpus {directory} was made with "
+                              f"{name}={meta[name]!r} (set that, or prepare it again)")
+
+
+def _load_tokenizers(directory: str, kind: str, joint: bool):
+    src, tgt = (os.path.join(directory, n) for n in tokenizer_files(joint))
+    if joint:
+        tok = load_tokenizer(src, kind)
+        return tok, tok
+    return load_tokenizer(src, kind), load_tokenizer(tgt, kind)
 
 
 def load_tokenizer(path: str, kind: str):
