@@ -6,7 +6,7 @@ Every function takes the same `TrainState` and batches that `train_step` takes, 
 
   - with dropout off (the deterministic loss; `per_example_grads_fn(state, dropout=True)` keeps it on),
   - in the params' dtype, without autocast (`options.precision` is a property of training, not of probes),
-  - without activation checkpointing (torch.func transforms cannot run through it, DESIGN.md §7; it only
+  - without activation checkpointing (torch.func transforms cannot run through it, docs/ARCHITECTURE.md; it only
     trades memory for recompute, so the math is unchanged),
   - with SDPA's math kernel: the fused CPU attention kernel has no vmap rule (vmap falls back to a Python
     loop over the examples, ~100x slower) and no forward-mode derivative (which `jvp` needs); the math kernel

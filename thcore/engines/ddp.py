@@ -5,7 +5,7 @@ train_step's math is unchanged: DDP only replaces *how the gradients are compute
 the state's params themselves (each `nn.Parameter` shares the state tensor's storage), so the in-place optimizer
 update in train_step is what DDP sees on the next forward. Gradients come from `.backward()` through the DDP
 module, never `torch.autograd.grad`: DDP's reducer only runs from `.backward()`, and with `autograd.grad` every
-rank would silently keep its local gradients (DESIGN.md §7).
+rank would silently keep its local gradients (docs/ARCHITECTURE.md, "Facts").
 
 Params are replicated, so a checkpoint (written by rank 0) is world-size independent.
 """
@@ -25,6 +25,7 @@ from .. import checkpoint
 from ..config import ConfigError
 from ..func import pick_device
 from ..step import autocast, loss_fn, train_step
+from . import use_tf32
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 LAUNCH_HINT = ("launch it with torchrun: `python th.py run RECIPE` starts torchrun for you (one process per GPU, "
@@ -134,6 +135,7 @@ class DDPEngine:
 
     def init(self, state):
         state = state.to(self.device)
+        use_tf32(self.device)
         self.params = bind(state.model, state.params, state.buffers)
         # buffers (the sinusoidal table) are constants: no re-broadcast before every forward
         # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
@@ -204,7 +206,8 @@ class DDPEngine:
     def restore(self, state, paths):
         """Every rank loads the same files, into the tensors DDP's module owns."""
         quiet = (lambda *a, **k: None)   # noqa: E731
-        new, meta, path = checkpoint.restore(state, paths, log=print if self.is_main else quiet)
+        new, meta, path = checkpoint.restore(state, paths, log=print if self.is_main else quiet,
+                                             resume=self.cfg.resume)
         if path is None:
             return state, None, None
         with torch.no_grad():
@@ -220,7 +223,7 @@ class DDPEngine:
         dist.barrier()
 
     def close(self, clean: bool = True):
-        """Tear down (DESIGN.md §7). `clean=False` after an error: this rank may have failed alone, and waiting
+        """Tear down (docs/ARCHITECTURE.md, "Facts"). `clean=False` after an error: this rank may have failed alone, and waiting
         at a barrier for peers that never come would hang the job (torchrun stops the others)."""
         if not dist.is_initialized():
             return
