@@ -297,10 +297,11 @@ def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = 
     return meta
 
 
-def read_meta(directory: str) -> dict:
+def read_meta(directory: str, field: str = "data_dir") -> dict:
+    """`field`: the config field that named `directory`, for the error."""
     path = os.path.join(directory, META)
     if not os.path.isfile(path):
-        raise ConfigError(f"data_dir: {path}: not found; run `python th.py prepare --input=... --out={directory}` first")
+        raise ConfigError(f"{field}: {path}: not found; run `python th.py prepare --input=... --out={directory}` first")
     with open(path) as f:
         return json.load(f)
 

@@ -81,7 +81,7 @@ class LMTask:
         self.cfg, self.log = cfg, log
         sources = cfg.datasets or {cfg.data_dir: 1.0}
         self.dirs = list(sources)
-        metas = [data.read_meta(d) for d in self.dirs]
+        metas = [data.read_meta(d, "datasets" if cfg.datasets else "data_dir") for d in self.dirs]
         self.meta = metas[0]
         for d, m in zip(self.dirs[1:], metas[1:]):
             if m["tokenizer"] != self.meta["tokenizer"]:
