@@ -19,3 +19,13 @@ def make_engine(cfg):
         return DDPEngine(cfg)
     from .deepspeed import DeepSpeedEngine
     return DeepSpeedEngine(cfg)
+
+
+def use_tf32(device) -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores on a GPU (~7x the fp32 rate on an H100, 10-bit
+    mantissa products with fp32 accumulation, as torch's own autocast-free training recipes use). bf16/fp16
+    autocast is unaffected. On a CPU nothing changes."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
