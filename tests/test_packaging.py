@@ -79,7 +79,8 @@ def _reads() -> list[re.Pattern]:
                 name = n.args[1]
                 if isinstance(name, ast.Constant):
                     out.add(re.escape(name.value))
-                elif isinstance(name, ast.JoinedStr) and any(isinstance(v, ast.Constant) for v in name.values):
+                elif isinstance(name, ast.JoinedStr) and \
+                        sum(len(v.value) for v in name.values if isinstance(v, ast.Constant)) >= 3:   # not f"{a}_{b}"
                     out.add("".join(re.escape(v.value) if isinstance(v, ast.Constant) else r"\w+" for v in name.values))
     return [re.compile(p) for p in out]
 
