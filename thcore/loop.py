@@ -1,7 +1,12 @@
 """The fit loop: batches -> engine.step -> log / eval / checkpoint. Reads top to bottom."""
 import contextlib
+import datetime
+import importlib.metadata
+import json
 import os
 import signal
+import socket
+import sys
 import time
 
 import torch
@@ -11,7 +16,7 @@ from . import checkpoint, faults, research
 from .config import ConfigError
 from .data.loader import device_batches
 from .func import num_params
-from .metrics import Metrics
+from .metrics import Metrics, check_wandb, peak_memory_gib, text_line
 from .perf import mfu_fields, step_flops
 from .profiler import Profiler
 
@@ -46,21 +51,68 @@ class _GracefulStop:
             signal.signal(s, h)
 
 
-def _write_config(cfg, run_dir):
+def _write_config(cfg, run_dir, step: int) -> str | None:
+    """Write config.json once the start has succeeded. A config that differs from the one already there (a resume
+    with changed fields) keeps the previous one as config.<step>.json; returns a line naming the changes."""
     os.makedirs(run_dir, exist_ok=True)
+    path, new = os.path.join(run_dir, "config.json"), cfg.to_dict()
+    note = None
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError:
+            old = {"<config.json>": "unreadable"}
+        if old == new:
+            return None
+        keep, n = os.path.join(run_dir, f"config.{step}.json"), 1
+        while os.path.exists(keep):
+            keep, n = os.path.join(run_dir, f"config.{step}.{n}.json"), n + 1
+        os.replace(path, keep)
+        missing = "(absent)"
+        changed = [f"{k} {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in sorted(old.keys() | new.keys())
+                   if old.get(k, missing) != new.get(k, missing)]
+        note = (f"config: {len(changed)} field{'s' * (len(changed) != 1)} changed at step {step}: "
+                f"{', '.join(changed)} (the previous config.json is kept as {os.path.basename(keep)})")
     tmp = os.path.join(run_dir, f".config.json.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(cfg.to_json())
-    os.replace(tmp, os.path.join(run_dir, "config.json"))
+    os.replace(tmp, path)
+    return note
 
 
-def fit(cfg, task, engine, log=print):
-    """Train `task` with `engine` as `cfg` says; resumes from the run directory's latest checkpoint."""
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _record_launch(run_dir, launch: dict | None, engine, step: int, resumed_from: str | None):
+    """One line per successful start in launches.jsonl: how the run was started, where, with what."""
+    launch = launch or {}
+    command = json.loads(os.environ["TH_COMMAND"]) if "TH_COMMAND" in os.environ else [sys.executable, *sys.argv]
+    row = {"step": step, "resumed_from": resumed_from,
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "recipe": launch.get("recipe"), "command": command, "cwd": os.getcwd(), "host": socket.gethostname(),
+           "engine": engine.name, "device": str(engine.device), "world_size": engine.world_size,
+           "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        **{d: _version(d) for d in ("deepspeed", "torch-handle")}}}
+    with open(os.path.join(run_dir, "launches.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def fit(cfg, task, engine, log=print, launch: dict | None = None):
+    """Train `task` with `engine` as `cfg` says; resumes from the run directory's latest checkpoint.
+
+    Nothing in the run directory changes until the start has succeeded (the checkpoint, if any, is loaded): a
+    start that fails leaves it as it was. `launch`: {"recipe": path}, recorded in launches.jsonl."""
     run_dir, main = cfg.run_dir, engine.is_main
     fit_start = time.perf_counter()   # metrics lines carry time_s, seconds since here
     say = (lambda *a, **k: tqdm.write(" ".join(map(str, a)))) if main else (lambda *a, **k: None)
-    if main:
-        _write_config(cfg, run_dir)
+    # a log file (SLURM, nohup, a pipe) gets one plain line per log step; a terminal gets the progress bar
+    plain = not (sys.stdout.isatty() and sys.stderr.isatty())
+    check_wandb(cfg.wandb_project)
 
     steps_per_epoch = task.batches_per_epoch(engine.world_size) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -82,19 +134,32 @@ def fit(cfg, task, engine, log=print):
     clock = getattr(task, "clock", None)
     if clock is not None and meta:
         clock.resume(meta.get("elapsed_s", 0.0))
+    # the start has succeeded: from here on the run directory is written
+    changed = None
     if main:
+        changed = _write_config(cfg, run_dir, state.step)
+        _record_launch(run_dir, launch, engine, state.step, resumed_from)
         task.save_assets(run_dir)
-    metrics = Metrics(run_dir, main, resume_step=state.step if resumed_from else None, start=fit_start)
+    wandb = dict(project=cfg.wandb_project, name=cfg.name, group=cfg.name, dir=run_dir, job_type="train",
+                 config={**cfg.to_dict(), "start_step": state.step}) if cfg.wandb_project else None
+    metrics = Metrics(run_dir, main, resume_step=state.step if resumed_from else None, start=fit_start,
+                      text=(lambda line: say(text_line(line, total))) if plain else None,
+                      memory=lambda: peak_memory_gib(engine.device), wandb=wandb)
 
     # an engine that partitions the params (DeepSpeed ZeRO-3) counts them itself
     n_params = engine.num_params(state) if hasattr(engine, "num_params") else num_params(state.params)
     say(f"model: {type(state.model).__name__}, {n_params:,} parameters | engine {engine.name} "
         f"on {engine.device} x {engine.world_size} | precision {cfg.precision}")
     say(task.summary)
-    say(f"global batch: {cfg.batch_size} x {engine.world_size} ranks x {cfg.grad_accum} accum = "
-        f"{cfg.batch_size * engine.world_size * cfg.grad_accum} | {steps_per_epoch} steps/epoch, {total} steps")
+    per_rank = getattr(cfg, "max_tokens", 0)   # a task that batches by padded tokens, not sentences
+    unit, per_rank = ("padded tokens at most", per_rank) if per_rank else ("", cfg.batch_size)
+    say(f"global batch: {per_rank} x {engine.world_size} ranks x {cfg.grad_accum} accum = "
+        f"{per_rank * engine.world_size * cfg.grad_accum}{' ' + unit if unit else ''} | "
+        f"{steps_per_epoch} steps/epoch, {total} steps")
     if resumed_from:
         say(f"resumed from {resumed_from} at step {state.step}")
+    if changed:
+        say(changed)
 
     def evaluate(state, split="valid"):
         # an engine whose params are partitioned (DeepSpeed ZeRO-3) hands evaluation a state with whole params
@@ -158,7 +223,7 @@ def fit(cfg, task, engine, log=print):
         clock.agreed = engine.reduce_sum(t).item() / engine.world_size
         return clock.agreed >= clock.budget_s
 
-    bar = tqdm(total=total, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, disable=not main or plain, desc="train", dynamic_ncols=True)
     window = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss_sum, tokens, steps, non-finite
     t0, last_eval, last_save = time.perf_counter(), None, None
     flops = 0.0   # model FLOPs since the last log line (stays 0 for a model perf.py has no formula for: no mfu)
