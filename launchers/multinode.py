@@ -19,13 +19,13 @@ from thcore.engines import make_engine  # noqa: E402
 from thcore.loop import Interrupted, fit  # noqa: E402
 
 
-def main(cfg, build):
+def main(cfg, build, recipe: str | None = None):
     if cfg.engine == "eager":
         raise ConfigError("engine='eager' trains in one process; under torchrun use --engine=ddp (or deepspeed), "
                           "or run it with `python th.py run RECIPE`")
     engine = make_engine(cfg)
     try:
-        state = fit(cfg, build(cfg), engine)
+        state = fit(cfg, build(cfg), engine, launch={"recipe": recipe})
     except Interrupted:   # every rank agreed to stop at the same step: they still meet at the exit barrier
         engine.close()
         raise

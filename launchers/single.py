@@ -9,10 +9,10 @@ from thcore.engines import make_engine  # noqa: E402
 from thcore.loop import fit  # noqa: E402
 
 
-def main(cfg, build):
+def main(cfg, build, recipe: str | None = None):
     engine = make_engine(cfg)
     try:
-        return fit(cfg, build(cfg), engine)
+        return fit(cfg, build(cfg), engine, launch={"recipe": recipe})
     finally:
         engine.close()
 

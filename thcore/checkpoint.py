@@ -36,6 +36,18 @@ class CheckpointError(ConfigError):
     """A missing, truncated or corrupt checkpoint file; the message names the file."""
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """A complete checkpoint that does not fit the model being built (another shape or set of params): no older
+    checkpoint of the same run would fit either, so resuming stops here instead of skipping it."""
+
+
+def plain_mode(path: str) -> None:
+    """Give a written file the mode a plain open() gives (0666 less the umask): some writers create 0600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -99,6 +111,7 @@ def write_dir(final: str, writers: dict) -> None:
         for dirpath, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(dirpath, n)
+                plain_mode(p)
                 files[os.path.relpath(p, tmp)] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
                 _fsync(p)
         _write_json(os.path.join(tmp, MANIFEST), {"files": files})
@@ -247,12 +260,12 @@ def _load_tensors(path: str, like: dict, what: str) -> dict:
     missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
     if missing or unexpected:
         name = sorted(missing or unexpected)[0]
-        raise CheckpointError(f"{path}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
+        raise IncompatibleCheckpoint(f"{path}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
     out = {}
     for k, ref in like.items():
         if loaded[k].shape != ref.shape:
-            raise CheckpointError(f"{path}: {what} {k!r} has shape {tuple(loaded[k].shape)}, "
-                                  f"the model expects {tuple(ref.shape)}")
+            raise IncompatibleCheckpoint(f"{path}: {what} {k!r} has shape {tuple(loaded[k].shape)}, "
+                                         f"the model expects {tuple(ref.shape)}")
         out[k] = loaded[k].to(device=ref.device, dtype=ref.dtype)
     return out
 
@@ -303,17 +316,80 @@ def resolve(resume: str, run_dir: str) -> list[str]:
     return found
 
 
-def restore(state, paths: list[str], log=print):
-    """Load the newest complete checkpoint among `paths`, skipping damaged ones with a one-line warning.
+def incompatible(e: IncompatibleCheckpoint, resume: str) -> IncompatibleCheckpoint:
+    """The one line for a complete checkpoint that another model wrote."""
+    own = "the run's own config.json records the fields it was trained with; " if resume == "auto" else ""
+    return IncompatibleCheckpoint(f"{e}: the checkpoint was written by a model with other settings; {own}resume "
+                                  "with those settings, or train these ones into a new out_dir")
+
+
+def none_complete(paths: list[str], resume: str = "auto") -> CheckpointError:
+    """The one line when every checkpoint to resume from is damaged (each was named in a warning before)."""
+    if resume != "auto":
+        what = f"resume={resume!r}: " + ("the checkpoint is damaged" if len(paths) == 1 else
+                                          f"none of its {len(paths)} checkpoints is complete")
+        return CheckpointError(f"{what} (see the warnings above); name a complete checkpoint")
+    return CheckpointError(f"{os.path.dirname(paths[0])}: none of its {len(paths)} checkpoints is complete (see the "
+                           "warnings above): nothing was changed; restore them from a copy, or start afresh with "
+                           "another out_dir")
+
+
+def restore(state, paths: list[str], log=print, resume: str = "auto"):
+    """Load the newest complete checkpoint among `paths`, skipping damaged ones with a one-line warning; a
+    complete checkpoint that does not fit the model is an error (IncompatibleCheckpoint), never skipped.
 
     Returns (state, meta, path) or (state, None, None) when there is nothing to resume from."""
     for p in paths:
         try:
             new, meta = load(state, p)
             return new, meta, p
+        except IncompatibleCheckpoint as e:
+            raise incompatible(e, resume) from None
         except CheckpointError as e:
             log(f"warning: skipping checkpoint: {e}", file=sys.stderr)
     if paths:   # never silently start over (and later prune) a run whose checkpoints all fail to load
-        raise CheckpointError(f"{os.path.dirname(paths[0])}: none of its {len(paths)} checkpoints is complete; "
-                              "move them away or pass --resume=never")
+        raise none_complete(paths, resume)
     return state, None, None
+
+
+def newest_complete(paths: list[str], what: str, log=print) -> str:
+    """The first of `paths` (newest first) that verifies; each damaged one skipped is named in one warning line."""
+    for p in paths:
+        try:
+            verify(p)
+            return p
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+    raise CheckpointError(f"{what}: none of its {len(paths)} checkpoints is complete (see the warnings above)")
+
+
+def pick(run_dir: str, which: str = "", prefer: str = "latest", log=print) -> str:
+    """The checkpoint dir a command reads (generate, export, translate, eval): `which` is '' (then `prefer`:
+    'latest', or 'best' = the best one the newest complete checkpoint records, else that one), 'best', 'latest'
+    or a checkpoint dir. A damaged checkpoint is never read: skipped with a one-line warning when the choice was
+    the command's, an error when it was the user's (an explicit dir, or 'best')."""
+    if which and which not in ("best", "latest"):
+        if os.path.isfile(os.path.join(which, MANIFEST)):   # exported dirs carry no manifest: nothing to check
+            verify(which)
+        return which
+    paths = candidates(root_of(run_dir))
+    if not paths:
+        raise ConfigError(f"{run_dir}: no checkpoint found")
+    newest = newest_complete(paths, run_dir, log)
+    if (which or prefer) == "latest":
+        return newest
+    with open(os.path.join(newest, "state.json")) as f:
+        step = json.load(f).get("best_step")
+    best = os.path.join(root_of(run_dir), f"step_{step}") if step is not None else None
+    if best is None or not os.path.isdir(best):
+        if which == "best":
+            raise ConfigError(f"{run_dir}: no best checkpoint recorded (no eval has run)")
+        return newest
+    try:
+        verify(best)
+    except CheckpointError as e:
+        if which == "best":
+            raise
+        log(f"warning: skipping the best checkpoint: {e}; using the newest complete one, {newest}", file=sys.stderr)
+        return newest
+    return best

@@ -119,6 +119,8 @@ class Config:
                            _positive)
     eval_every: int = field(0, "steps between evaluations; 0 = at the end of each epoch", "logging/eval",
                             _non_negative)
+    wandb_project: str = field("", "also log to this Weights & Biases project (extra [wandb]; WANDB_MODE=offline "
+                               "works without a network); '' = off", "logging/eval")
     checkpoint_every: int = field(0, "steps between checkpoints; 0 = at evals and at the end",
                                   "checkpoints/faults", _non_negative)
     keep_checkpoints: int = field(3, "newest checkpoints kept (the best one is kept as well)", "checkpoints/faults",

@@ -13,6 +13,7 @@ The checkpoint is the best one when evals recorded it, else the latest; `checkpo
 import os
 import shutil
 
+from . import checkpoint as checkpoint_lib
 from .config import ConfigError
 from .interop import hf_gpt2
 
@@ -43,11 +44,13 @@ def export_safetensors(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
 
 
 def export(run_dir: str, out_dir: str, format: str = "safetensors", checkpoint: str = "") -> str:
-    """Write OUT_DIR in `format`; returns the checkpoint dir exported."""
+    """Write OUT_DIR in `format`; returns the checkpoint dir exported (a damaged newest checkpoint is skipped
+    for an older one with a one-line warning on stderr)."""
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir}: not a directory")
-    if format == "hf":
-        return hf_gpt2.export(run_dir, out_dir, checkpoint)
-    if format == "safetensors":
-        return export_safetensors(run_dir, out_dir, checkpoint)
-    raise ConfigError(f"format={format!r}: must be one of {', '.join(map(repr, FORMATS))}")
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r}: must be one of {', '.join(map(repr, FORMATS))}")
+    src = (hf_gpt2.export if format == "hf" else export_safetensors)(run_dir, out_dir, checkpoint)
+    # safetensors writes its files 0600: an export is for sharing, with the mode of the files beside it
+    checkpoint_lib.plain_mode(os.path.join(out_dir, "model.safetensors"))
+    return src

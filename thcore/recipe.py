@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import sys
+import traceback
 
 from .config import ConfigError, from_dict
 
@@ -17,11 +18,30 @@ def load(path: str):
     spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except ConfigError:   # a recipe that loads another recipe: that one's line already names its file
+        del sys.modules[name]
+        raise
+    except Exception as e:   # a syntax error, an import error, any failure of the file's own code
+        del sys.modules[name]
+        raise ConfigError(_failure(path, e)) from None
     for attr in ("Config", "build"):
         if not hasattr(mod, attr):
             raise ConfigError(f"recipe {path}: defines no `{attr}`")
     return mod
+
+
+def _failure(path: str, e: Exception) -> str:
+    """One line for a recipe file that cannot be imported, naming the file and line."""
+    if isinstance(e, SyntaxError):
+        return f"recipe {e.filename or path}:{e.lineno}: {e.msg}"
+    where = path
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):   # the innermost line of a recipe file
+        if os.path.abspath(frame.filename) == os.path.abspath(path):
+            where = f"{path}:{frame.lineno}"
+            break
+    return f"recipe {where}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def configure(path: str, overrides: dict | None = None):

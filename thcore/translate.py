@@ -34,15 +34,10 @@ def load(run_dir: str, checkpoint: str = "", device: str = "cpu", splits=()):
     task = TranslationTask(cfg, log=lambda m: print(m, file=sys.stderr), splits=splits)
     for w in task.warnings:
         print(w, file=sys.stderr)
-    if checkpoint in ("", "latest"):
-        found = ckpt_lib.candidates(ckpt_lib.root_of(run_dir))
-        ckpt = found[0] if found else None
-    elif checkpoint == "best":
-        ckpt = ckpt_lib.best(run_dir)
-    else:
-        ckpt = checkpoint
-    if not ckpt or not os.path.isfile(os.path.join(ckpt, "model.safetensors")):
-        raise ConfigError(f"checkpoint: no checkpoint with model.safetensors in {ckpt or run_dir}")
+    # damaged checkpoints are skipped, each named in a warning; an explicit one must be complete
+    ckpt = ckpt_lib.pick(run_dir, checkpoint, prefer="latest", log=print)
+    if not os.path.isfile(os.path.join(ckpt, "model.safetensors")):
+        raise ConfigError(f"checkpoint: no model.safetensors in {ckpt}")
     dev = pick_device(device)
     state = task.init_state(1, device=dev)
     state = state.replace(params=ckpt_lib.load_params(ckpt, state.params))
