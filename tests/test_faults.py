@@ -463,12 +463,12 @@ def test_deepspeed_shards_load_only_from_the_runs_own_directory(tmp_path, capsys
 
     def must_not_load(*a, **k):
         raise AssertionError("DeepSpeed was asked to unpickle a foreign checkpoint")
-    me = types.SimpleNamespace(is_main=True, cfg=types.SimpleNamespace(run_dir=str(tmp_path / "mine")),
+    me = types.SimpleNamespace(is_main=True, cfg=types.SimpleNamespace(run_dir=str(tmp_path / "mine"), resume="auto"),
                                engine=types.SimpleNamespace(load_checkpoint=must_not_load))
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        with pytest.raises(CheckpointError, match="none of its 1 checkpoints is a complete DeepSpeed checkpoint"):
+        with pytest.raises(CheckpointError, match="none of its 1 checkpoints is complete"):
             DeepSpeedEngine.restore(me, ckpt_state(), [ckpt])
     finally:
         dist.destroy_process_group()

@@ -316,8 +316,7 @@ class DeepSpeedEngine:
                 except checkpoint.CheckpointError as e:
                     print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
             if paths and pick[0] is None:
-                pick[1] = (f"{os.path.dirname(paths[0])}: none of its {len(paths)} checkpoints is a complete "
-                           "DeepSpeed checkpoint; move them away or pass --resume=never")
+                pick[1] = str(checkpoint.none_complete(paths, self.cfg.resume))
         dist.broadcast_object_list(pick, src=0)
         if pick[1]:
             raise checkpoint.CheckpointError(pick[1])

@@ -10,6 +10,7 @@ class EagerEngine:
 
     def __init__(self, cfg):
         self.device = pick_device(cfg.device)
+        self.resume = cfg.resume   # the wording of a failed resume
 
     def init(self, state):
         return state.to(self.device)
@@ -24,7 +25,7 @@ class EagerEngine:
         return checkpoint.save(state, run_dir, keep=keep, extra=extra)
 
     def restore(self, state, paths):
-        return checkpoint.restore(state, paths)
+        return checkpoint.restore(state, paths, resume=self.resume)
 
     def barrier(self):
         pass

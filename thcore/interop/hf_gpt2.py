@@ -120,15 +120,7 @@ def is_hf_dir(path: str) -> bool:
 def run_checkpoint(run_dir: str, checkpoint: str = "") -> str:
     """The checkpoint dir of a run to read weights from: `checkpoint` (a path, 'best' or 'latest'), by default
     the best one when evals recorded it, else the latest."""
-    if checkpoint and checkpoint not in ("best", "latest"):
-        return checkpoint
-    best = ckpt_lib.best(run_dir) if checkpoint != "latest" else None
-    if checkpoint == "best" and best is None:
-        raise ConfigError(f"{run_dir}: no best checkpoint recorded (no eval has run)")
-    found = [best] if best else ckpt_lib.candidates(ckpt_lib.root_of(run_dir))
-    if not found:
-        raise ConfigError(f"{run_dir}: no checkpoint found")
-    return found[0]
+    return ckpt_lib.pick(run_dir, checkpoint, prefer="best")   # damaged ones skipped, each named in a warning
 
 
 def load_gpt(path: str, checkpoint: str = "") -> tuple[dict, dict, str]:
