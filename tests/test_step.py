@@ -4,7 +4,7 @@ import torch
 
 from thcore import tree
 from thcore.data import demo
-from thcore.data.translation import PairDataset, collate
+from thcore.data.translation import TokenPairs, collate
 from thcore.data.vocab import Vocab
 from thcore.models import Transformer
 from thcore.optim import SGD, AdamW
@@ -16,7 +16,7 @@ from thcore.step import train_step
 def data():
     src, tgt = demo.corpus(64, seed=3)
     sv, tv = Vocab.build(s.split() for s in src), Vocab.build(t.split() for t in tgt)
-    ds = PairDataset(src, tgt, sv, tv, max_len=40)
+    ds = TokenPairs.from_lines(src, tgt, sv, tv, max_len=40)
     return sv, tv, [collate([ds[i] for i in range(j, j + 16)]) for j in range(0, 64, 16)]
 
 

@@ -16,10 +16,23 @@ from torch.optim.sgd import sgd
 
 def _impl(device: torch.device, impl: str) -> dict:
     """foreach on CPU, fused on CUDA (one kernel for all params); 'auto' picks by device. 'fused' runs torch's
-    fused kernel on CPU too (torch >= 2.4); 'for_loop' is the reference per-tensor loop."""
+    fused kernel on CPU too (torch >= 2.4); 'for_loop' is the reference per-tensor loop. The unfused kernels run
+    `capturable` on an accelerator: with the step counts on the device, the non-capturable form reads each one
+    back (`.item()` per parameter per step)."""
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
     return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
+def _adam_kernel(device: torch.device, impl: str) -> dict:
+    kw = _impl(device, impl)
+    if not kw["fused"] and device.type != "cpu":
+        kw["capturable"] = True
+    return kw
+
+
+def _fused(device: torch.device, impl: str) -> bool:
+    return _impl(device, impl)["fused"]
 
 
 def _groups(params: dict):
@@ -45,14 +58,22 @@ class AdamW:
             "step": {k: torch.zeros((), dtype=torch.float32, device=p.device) for k, p in params.items()},
         }
 
-    def update(self, params: dict, grads: dict, opt_state: dict, lr: float) -> None:
+    def skips_found_inf(self, device: torch.device) -> bool:
+        """Does `update` take `found_inf` / `grad_scale` on `device`? (torch's fused kernel does)"""
+        return _fused(device, self.impl)
+
+    def update(self, params: dict, grads: dict, opt_state: dict, lr: float, grad_scale=None,
+               found_inf=None) -> None:
+        """`grad_scale` (a device scalar): the kernel divides the gradients by it; `found_inf` (1.0 / 0.0): with
+        1.0 the kernel leaves params and moments as they are and undoes its step count. Fused kernel only."""
         for names, wd in zip(_groups(params), (self.weight_decay, 0.0)):
             if not names:
                 continue
             p0 = params[names[0]]
             adamw([params[k] for k in names], [grads[k] for k in names],
                   [opt_state["exp_avg"][k] for k in names], [opt_state["exp_avg_sq"][k] for k in names], [],
-                  [opt_state["step"][k] for k in names], **_impl(p0.device, self.impl),
+                  [opt_state["step"][k] for k in names], **_adam_kernel(p0.device, self.impl),
+                  grad_scale=grad_scale, found_inf=found_inf,
                   amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=wd, eps=self.eps,
                   maximize=False)
 
@@ -69,7 +90,15 @@ class SGD:
             return {}
         return {"momentum_buffer": {k: torch.zeros_like(p) for k, p in params.items()}}
 
-    def update(self, params: dict, grads: dict, opt_state: dict, lr: float) -> None:
+    def _kernel(self, device) -> dict:
+        # an explicit "fused" on CPU stays foreach, as before (numbers unchanged); "auto" is fused on CUDA
+        return _impl(device, "foreach" if self.impl == "fused" and device.type == "cpu" else self.impl)
+
+    def skips_found_inf(self, device: torch.device) -> bool:
+        return self._kernel(device)["fused"]
+
+    def update(self, params: dict, grads: dict, opt_state: dict, lr: float, grad_scale=None,
+               found_inf=None) -> None:
         for names, wd in zip(_groups(params), (self.weight_decay, 0.0)):
             if not names:
                 continue
@@ -77,7 +106,7 @@ class SGD:
             # torch's sgd creates momentum buffers lazily on step 1 (buf = grad); ours exist from init as
             # zeros, and with dampening 0, `0 * m + g` is that same first value.
             sgd([params[k] for k in names], [grads[k] for k in names], bufs,
-                **_impl(params[names[0]].device, "foreach" if self.impl == "fused" else self.impl),
+                **self._kernel(params[names[0]].device), grad_scale=grad_scale, found_inf=found_inf,
                 weight_decay=wd, momentum=self.momentum, lr=lr, dampening=0.0, nesterov=self.nesterov,
                 maximize=False)
 

@@ -96,7 +96,7 @@ def peak_flops(device: str, precision: str = "fp32", clock=time.perf_counter) ->
             if key in name:
                 if precision in ("bf16", "fp16"):
                     return half * 1e12, f"{key} datasheet"
-                tf = torch.backends.cuda.matmul.allow_tf32
+                tf = torch.backends.cuda.matmul.fp32_precision == "tf32"   # engines turn it on (use_tf32)
                 return (tf32 if tf else fp32) * 1e12, f"{key} datasheet ({'tf32' if tf else 'fp32'})"
     dtype = _DTYPES[precision]
     return measured_matmul_flops(device, dtype, clock=clock), f"measured {dtype} matmul on {device.type}"

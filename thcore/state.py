@@ -68,8 +68,9 @@ class TrainState:
 
     # what a checkpoint's state.json holds
     def meta(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "data": dict(self.data), "loss_scale": self.loss_scale,
-                "good_steps": self.good_steps, "best": self.best}
+        # the fp16 scale may be a device tensor (step.py keeps it there on accelerators): read at save time only
+        return {"step": self.step, "seed": self.seed, "data": dict(self.data), "loss_scale": float(self.loss_scale),
+                "good_steps": int(self.good_steps), "best": self.best}
 
     def with_meta(self, meta: dict) -> "TrainState":
         return self.replace(step=int(meta["step"]), seed=int(meta["seed"]), data=dict(meta["data"]),

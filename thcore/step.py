@@ -33,7 +33,11 @@ def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0, ce_chun
         h = func.apply(model, params, buffers, method="features", **inputs)
         w, b = model.output_params
         targets = batch["targets"]
-        loss_sum = linear_cross_entropy(h.flatten(0, -2), params[w], params[b] if b else None, targets.flatten(),
+        weight = params[w]
+        vocab = getattr(model, "vocab_size", weight.shape[0])
+        if weight.shape[0] != vocab:   # a padded output layer (GPT's vocab_multiple): the real tokens' rows
+            weight = weight[:vocab]
+        loss_sum = linear_cross_entropy(h.flatten(0, -2), weight, params[b] if b else None, targets.flatten(),
                                         ce_chunk, label_smoothing, IGNORE)
         return loss_sum, (targets != IGNORE).sum()
     logits = func.apply(model, params, buffers, **inputs)
@@ -136,6 +140,11 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
     microbatches = batch if isinstance(batch, (list, tuple)) else [batch]
     opts = state.options
     device = next(iter(state.params.values())).device
+    host = _host_check_is_free(device)
+    fp16 = opts.precision == "fp16"
+    if fp16 and not host:   # the dynamic loss scale lives on the device: deciding it never waits for the GPU
+        state = state.replace(loss_scale=_on(state.loss_scale, device, torch.float32),
+                              good_steps=_on(state.good_steps, device, torch.int64))
     ntok = sum((mb["targets"] != IGNORE).sum() for mb in microbatches)
     ntok_global = sum_fn(ntok) if sum_fn is not None else ntok
     scale = state.loss_scale / ntok_global.clamp(min=1).float()
@@ -144,20 +153,38 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
         grads, loss_sum = grads_fn(state, microbatches, scale, seeds)
 
     grads = list(grads.values())
+    # One decision per step, from quantities every rank shares: under DDP the gradients are global, so every rank
+    # decides alike from them; the local loss only joins in a single process.
+    loss_ok = torch.isfinite(loss_sum) if sum_fn is None else None
+    if host:
+        return _host_path(state, grads, loss_sum, ntok, loss_ok, sum_fn is not None)
+    return _device_path(state, before, donate, grads, loss_sum, ntok, loss_ok)
+
+
+def _on(x, device, dtype):
+    """A state scalar as a device tensor (a Python number only after init or a restore: one copy, then none)."""
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
+
+
+def _apply_update(state, grads, lr, grad_scale=None, found_inf=None):
+    state.tx.update(state.params, dict(zip(state.params, grads)), state.opt_state, lr,
+                    **({"grad_scale": grad_scale, "found_inf": found_inf} if found_inf is not None else {}))
+
+
+def _host_path(state, grads, loss_sum, ntok, loss_ok, distributed):
+    """A CPU: every op has already run when Python reads a flag, so the step reads them and a skipped step
+    costs no copy."""
+    opts = state.options
     if opts.precision == "fp16":
         torch._foreach_mul_(grads, 1.0 / state.loss_scale)
     grad_norm = tree.global_norm(grads)
     metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": state.lr_fn(state.step)}
-
     # A non-finite step (NaN/Inf in the loss or the gradients) leaves params, optimizer state and EMA as they were
     # and reports metrics["nonfinite"]; the step counter and the data cursor move on (the loop applies nan_policy).
-    # Under DDP the gradients are global, so every rank takes the same decision from them; the local loss only
-    # joins in a single process.
-    finite = torch.isfinite(grad_norm) if sum_fn is not None else torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+    finite = torch.isfinite(grad_norm) if loss_ok is None else torch.isfinite(grad_norm) & loss_ok
     metrics["nonfinite"] = ~finite
-    keep = None
     if opts.precision == "fp16":   # dynamic loss scale: skip the update and halve the scale on overflow
-        if not torch.isfinite(loss_sum).item():   # no loss scale fixes a non-finite loss: a NaN step, scale kept
+        if loss_ok is not None and not loss_ok.item():   # no loss scale fixes a non-finite loss: a NaN step
             return state.replace(step=state.step + 1), metrics
         metrics["nonfinite"] = torch.zeros_like(finite)   # overflowing gradients are the loss scale's business
         if not torch.isfinite(grad_norm).item():
@@ -166,20 +193,69 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
         grow = state.good_steps + 1 >= opts.loss_scale_growth_interval
         state = state.replace(loss_scale=state.loss_scale * (2 if grow else 1),
                               good_steps=0 if grow else state.good_steps + 1)
-    elif _host_check_is_free(device):
-        if not finite.item():
-            return state.replace(step=state.step + 1), metrics
-    else:   # Flax's select between the old and the new trees, on the device: no host sync per step
-        keep = _protected(before) if not donate else [t.clone() for t in _protected(state)]
+    elif not finite.item():
+        return state.replace(step=state.step + 1), metrics
     if opts.clip_grad > 0:
         torch._foreach_mul_(grads, (opts.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0))
-    state.tx.update(state.params, dict(zip(state.params, grads)), state.opt_state, metrics["lr"])
+    _apply_update(state, grads, metrics["lr"])
     if state.ema is not None:   # ema <- decay * ema + (1 - decay) * params, a pytree map done in place
         torch._foreach_lerp_([state.ema[k] for k in state.params], list(state.params.values()),
                              1.0 - opts.ema_decay)
-    if keep is not None:
+    return state.replace(step=state.step + 1), metrics
+
+
+def _device_path(state, before, donate, grads, loss_sum, ntok, loss_ok):
+    """An accelerator runs ahead of the host: nothing here waits for it. Every decision is a device tensor.
+
+    With torch's fused AdamW/SGD the kernel itself skips a non-finite step (`found_inf`: no update, the step
+    count undone) and takes the fp16 unscale and the clipping as one divisor (`grad_scale`): no copy of the
+    params or the optimizer state, no extra pass over the gradients. Other kernels get Flax's select between the
+    old and the new trees (a copy of every protected tensor per step: the fused kernel is the default on CUDA)."""
+    opts = state.options
+    fp16 = opts.precision == "fp16"
+    fused = getattr(state.tx, "skips_found_inf", lambda d: False)(grads[0].device)
+    norm = tree.global_norm(grads)
+    grad_norm = norm / state.loss_scale if fp16 else norm   # the scale is a power of two: exact
+    grads_ok = torch.isfinite(grad_norm)
+    finite = grads_ok if loss_ok is None else grads_ok & loss_ok
+    metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": state.lr_fn(state.step)}
+    if fp16:   # a non-finite loss is a NaN step (scale kept); overflowing gradients the loss scale's business
+        nan_step = ~loss_ok if loss_ok is not None else torch.zeros_like(grads_ok)
+        overflow = ~grads_ok & ~nan_step
+        metrics["nonfinite"], metrics["skipped"] = nan_step, overflow
+        grow = finite & (state.good_steps + 1 >= opts.loss_scale_growth_interval)
+        new_scale = torch.where(overflow, state.loss_scale * 0.5, torch.where(grow, state.loss_scale * 2,
+                                                                              state.loss_scale))
+        new_good = torch.where(nan_step, state.good_steps,
+                               torch.where(overflow | grow, 0, state.good_steps + 1))
+    else:
+        metrics["nonfinite"] = ~finite
+    # the divisor that unscales and clips: g / (loss_scale / clip) = (g / loss_scale) * clip
+    clip = (opts.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0) if opts.clip_grad > 0 else None
+    if fused:
+        divisor = state.loss_scale if fp16 else None
+        if clip is not None:
+            divisor = 1.0 / clip if divisor is None else divisor / clip
+        _apply_update(state, grads, metrics["lr"], grad_scale=None if divisor is None else divisor.float(),
+                      found_inf=(~finite).float())
+        if state.ema is not None:   # weight 0 on a skipped step: the EMA stays as it was
+            w = (1.0 - opts.ema_decay) * finite.float()
+            torch._foreach_lerp_([state.ema[k] for k in state.params], list(state.params.values()),
+                                 [w] * len(state.params))
+    else:
+        keep = _protected(before) if not donate else [t.clone() for t in _protected(state)]
+        if fp16:
+            torch._foreach_mul_(grads, 1.0 / state.loss_scale)
+        if clip is not None:
+            torch._foreach_mul_(grads, clip)
+        _apply_update(state, grads, metrics["lr"])
+        if state.ema is not None:
+            torch._foreach_lerp_([state.ema[k] for k in state.params], list(state.params.values()),
+                                 1.0 - opts.ema_decay)
         for new, old in zip(_protected(state), keep):
             torch.where(finite, new, old, out=new)
+    if fp16:
+        state = state.replace(loss_scale=new_scale, good_steps=new_good)
     return state.replace(step=state.step + 1), metrics
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .. import checkpoint as ckpt_lib
 from ..config import ConfigError
 from ..data import lm as lm_data
+from ..models.gpt import pad_vocab, padded_vocab
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MODEL_JSON = "model.json"
@@ -96,9 +97,12 @@ def from_hf(sd: dict) -> dict:
     return out
 
 
-def to_hf(params: dict, n_layer: int) -> dict:
-    """A GPT2LMHeadModel state dict (lm_head tied, so left out) from our params."""
+def to_hf(params: dict, n_layer: int, vocab_size: int | None = None) -> dict:
+    """A GPT2LMHeadModel state dict (lm_head tied, so left out) from our params; a padded token embedding
+    (GPT's vocab_multiple) is cropped to `vocab_size` rows."""
     sd = {k: (v.t() if k.endswith(CONV1D) else v).detach().cpu().contiguous() for k, v in params.items()}
+    if vocab_size is not None:
+        sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:vocab_size].contiguous()
     # a bias=False GPT: HF always has biases, and zeros compute the same thing (dim = the weight's rows)
     layers = [f"transformer.h.{i}.{m}" for i in range(n_layer)
               for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
@@ -123,11 +127,20 @@ def run_checkpoint(run_dir: str, checkpoint: str = "") -> str:
     return ckpt_lib.pick(run_dir, checkpoint, prefer="best")   # damaged ones skipped, each named in a warning
 
 
-def load_gpt(path: str, checkpoint: str = "") -> tuple[dict, dict, str]:
+def load_gpt(path: str, checkpoint: str = "", vocab_multiple: int = 0) -> tuple[dict, dict, str]:
     """(GPT constructor args, params, where the weights came from) for a Hugging Face GPT-2 directory, a run
-    directory of ours, or one checkpoint dir of a run."""
+    directory of ours, or one checkpoint dir of a run. `vocab_multiple` > 0: the token embedding is padded with
+    zero rows to that multiple (for a GPT built with it), and the args say so."""
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a directory")
+    args, params, src = _load_gpt(path, checkpoint)
+    if vocab_multiple:
+        args = {**args, "vocab_multiple": vocab_multiple}
+        params = pad_vocab(params, padded_vocab(args["vocab_size"], vocab_multiple))
+    return args, params, src
+
+
+def _load_gpt(path: str, checkpoint: str):
     if is_hf_dir(path):
         return read_hf_config(path), from_hf(read_hf_weights(path)), path
     run_dir = path
@@ -176,7 +189,8 @@ def export(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
     with open(os.path.join(run, "config.json")) as f:
         dropout = json.load(f).get("dropout", 0.0)
     os.makedirs(out_dir, exist_ok=True)
-    save_file(to_hf(params, args["n_layer"]), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(to_hf(params, args["n_layer"], args["vocab_size"]), os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(args, dropout, (meta or {}).get("tokenizer", {}).get("eot")), f, indent=2)
     if meta is not None:   # `th.py generate OUT_DIR` then decodes as the run did
