@@ -67,14 +67,15 @@ def flip_byte(path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A finished run of the same tiny model per path: {1: eager, 2: DDP with 2 processes} (checkpoints 5, 10)."""
+    """A finished run of the same tiny model per path: {1: eager, 2: DDP with 2 processes} (checkpoints 5, 10);
+    "stdout": what each printed (to a pipe)."""
     root = tmp_path_factory.mktemp("finished")
-    done = {}
+    done = {"stdout": {}}
     for n, recipe in ((1, SINGLE), (2, DDP)):
         out = str(root / f"nproc{n}")
         p = launch(recipe, out, n)
         assert p.returncode == 0, p.stderr[-4000:]
-        done[n] = out
+        done[n], done["stdout"][n] = out, p.stdout
     return done
 
 
@@ -144,6 +145,40 @@ def test_every_checkpoint_damaged_is_refused_without_risky_advice(runs, tmp_path
                            "above): nothing was changed") and "resume=never" not in line, line
     assert p.stderr.count("warning: skipping checkpoint: ") == 2
     assert snapshot(run) == before
+
+
+# -- 3. a resume from an older checkpoint: TensorBoard reads what metrics.jsonl says; the run records its starts --
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_from_an_older_checkpoint_keeps_tensorboard_and_records_the_start(runs, tmp_path, nproc):
+    from test_logs import assert_same_history, jsonl_history
+    recipe, run = (SINGLE if nproc == 1 else DDP), str(tmp_path / "run")
+    shutil.copytree(runs[nproc], run)
+    older = os.path.join(run, "checkpoints", "step_5")
+    p = launch(recipe, run, nproc, resume=older)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert [s for s, _ in jsonl_history(run)["train/loss"]] == [5, 10]
+    assert_same_history(run)
+    (note,) = [line for line in p.stdout.splitlines() if line.startswith("config: ")]
+    assert note.startswith("config: ") and " fields changed at step 5: " in note, note
+    for changed in (f"out_dir {runs[nproc]!r} -> {run!r}", f"resume 'auto' -> {older!r}"):   # the copy moved
+        assert changed in note, note
+    assert note.endswith("(the previous config.json is kept as config.5.json)"), note
+    starts = [json.loads(line) for line in open(os.path.join(run, "launches.jsonl"))]
+    assert [(s["step"], s["resumed_from"], s["world_size"]) for s in starts] == [(0, None, nproc), (5, older, nproc)]
+    import torch
+    for s in starts:   # what th.py was given, whichever process trained
+        assert s["recipe"] == recipe and s["command"][1:4] == [os.path.join(ROOT, "th.py"), "run", recipe]
+        assert s["versions"]["torch"] == torch.__version__ and s["engine"] == ("eager" if nproc == 1 else "ddp")
+        assert "deepspeed" in s["versions"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_log_that_is_not_a_terminal_gets_one_plain_line_per_log_step(runs, nproc):
+    import re
+    lines = [line for line in runs["stdout"][nproc].splitlines() if line.startswith("step ")]
+    pattern = r"step (\d+)/10 \| loss \d+\.\d{4} \| lr \S+ \| grad_norm \S+ \| [\d,]+ tok/s \| .*peak mem \S+ GiB"
+    assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["5", "10"], runs["stdout"][nproc]
 
 
 # -- 4. a recipe that cannot be imported ---------------------------------------------------------------------
