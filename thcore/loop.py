@@ -225,6 +225,8 @@ def fit(cfg, task, engine, log=print, launch: dict | None = None):
 
     bar = tqdm(total=total, initial=state.step, disable=not main or plain, desc="train", dynamic_ncols=True)
     window = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss_sum, tokens, steps, non-finite
+    # made once: a tensor built from Python numbers on the device is a blocking host-to-device copy per step
+    counts_good, row_bad = window.new_tensor([1.0, 0.0]), window.new_tensor([0.0, 0.0, 1.0, 1.0])
     t0, last_eval, last_save = time.perf_counter(), None, None
     flops = 0.0   # model FLOPs since the last log line (stays 0 for a model perf.py has no formula for: no mfu)
     last_save_t, current = time.monotonic(), state.step   # current: the step being run, for error messages
@@ -251,19 +253,20 @@ def fit(cfg, task, engine, log=print, launch: dict | None = None):
                     state = state.replace(data={"epoch": epoch, "index": state.data["index"] + len(group)})
                     trained, group = group, []
                     flops += step_flops(state.model, trained) or 0.0   # from shapes: no device access
-                    row = torch.stack([m["loss_sum"].double(), m["ntokens"].double(), window.new_ones(()),
-                                       window.new_zeros(())])
+                    row = torch.cat([torch.stack([m["loss_sum"].double(), m["ntokens"].double()]), counts_good])
                     if bad is not None:   # a skipped step: counted, and kept out of the loss (its loss is NaN/Inf)
-                        row = torch.where(bad, window.new_tensor([0.0, 0.0, 1.0, 1.0]), row)
+                        row = torch.where(bad, row_bad, row)
                     window += row
                     bar.update(1)
                     s = state.step
                     if s % cfg.log_every == 0 or s == total:
-                        loss_sum, ntok, _, nonfinite = engine.reduce_sum(window).tolist()   # the only host sync
+                        # the one host sync of a log step (the last step's grad norm is the same on every rank)
+                        norm = torch.as_tensor(m["grad_norm"]).reshape(1).to(window)
+                        loss_sum, ntok, _, nonfinite, grad_norm = torch.cat([engine.reduce_sum(window), norm]).tolist()
                         dt = time.perf_counter() - t0
                         probes = research.train_probes(cfg, state, trained) if main else {}   # opt-in, rank 0
                         line = metrics.log(s, "train", loss=loss_sum / max(ntok, 1), lr=m["lr"],
-                                           grad_norm=m["grad_norm"].item(), tokens_per_s=ntok / dt, epoch=epoch,
+                                           grad_norm=grad_norm, tokens_per_s=ntok / dt, epoch=epoch,
                                            **(mfu_fields(flops, dt, engine.device, cfg.precision) if main else {}),
                                            nonfinite_steps=nonfinite / engine.world_size, **probes)
                         bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")

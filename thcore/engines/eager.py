@@ -2,6 +2,8 @@
 from .. import checkpoint
 from ..func import pick_device
 from ..step import train_step
+from . import use_tf32
+from .ddp import bind
 
 
 class EagerEngine:
@@ -13,7 +15,11 @@ class EagerEngine:
         self.resume = cfg.resume   # the wording of a failed resume
 
     def init(self, state):
-        return state.to(self.device)
+        state = state.to(self.device)
+        use_tf32(self.device)
+        if set(dict(state.model.named_parameters())) == set(state.params):
+            bind(state.model, state.params, state.buffers)   # the module's tensors are the state's: stored once
+        return state
 
     def step(self, state, batch):
         return train_step(state, batch, donate=True)
