@@ -101,7 +101,7 @@ def load_tokenizer(directory: str, meta: dict | None = None):
 # single text file, e.g. tiny Shakespeare) is split as nanoGPT does: the first (1 - val_fraction) of its
 # characters train, the rest val; several are split by documents, val taking an evenly spread val_fraction.
 ENCODE_CHARS = 1 << 22   # characters per encode call
-PIECE_CHARS = 1 << 16    # characters per piece of a call: the pieces are encoded in parallel
+PIECE_CHARS = 1 << 12    # characters per piece of a call: pieces are encoded in parallel (long ones are slow)
 
 
 def dtype_for(vocab_size: int) -> str:
