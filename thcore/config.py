@@ -67,8 +67,8 @@ class Config:
     name: str = field("run", "recipe name; out_dir defaults to runs/<name>", "logging/eval")
     out_dir: str = field("", "run directory ('' = runs/<name>)", "checkpoints/faults")
     seed: int = field(0, "seed of init, dropout and data order", "optimisation")
-    engine: str = field("eager", "eager (one process) | ddp | deepspeed", "engine/distribution",
-                        _choice("eager", "ddp", "deepspeed"))
+    engine: str = field("eager", "eager (one process) | ddp | fsdp | deepspeed", "engine/distribution",
+                        _choice("eager", "ddp", "fsdp", "deepspeed"))
     device: str = field("auto", "auto (a GPU if there is one) | cpu | cuda", "engine/distribution",
                         _choice("auto", "cpu", "cuda"))
     nproc: int = field(1, "processes th.py starts for ddp/deepspeed on a CPU-only machine (GPUs: one each)",
@@ -151,9 +151,18 @@ class Config:
     powersgd_rank: int = field(1, "PowerSGD matrix rank", "engine/distribution", _positive)
     powersgd_start_iter: int = field(10, "PowerSGD: plain all-reduce for this many steps first",
                                      "engine/distribution", _non_negative)
+    # FSDP2 (used by engine="fsdp")
+    dp_replicate: int = field(1, "fsdp: replicas (e.g. nodes) of a 2-D mesh; the model is sharded within each",
+                              "engine/distribution", _positive)
+    dp_shard: int = field(0, "fsdp: ranks each model is sharded over; 0 = all the ranks dp_replicate leaves",
+                          "engine/distribution", _non_negative)
+    reshard_after_forward: bool = field(True, "fsdp: free gathered params after each block's forward (False: "
+                                              "keep them for backward, more memory, less communication)",
+                                        "engine/distribution")
     # DeepSpeed (used by engine="deepspeed")
     zero_stage: int = field(0, "DeepSpeed ZeRO stage 0 | 1 | 2 | 3", "engine/distribution", _choice(0, 1, 2, 3))
-    offload: str = field("none", "DeepSpeed offload of optimizer state (and ZeRO-3 params): none | cpu | nvme",
+    offload: str = field("none", "offload of optimizer state (DeepSpeed; ZeRO-3 and fsdp: params and gradients "
+                                 "too): none | cpu | nvme (DeepSpeed)",
                          "engine/distribution", _choice("none", "cpu", "nvme"))
     deepspeed_config: str = field("", "a ds_config.json used as-is instead of the one built from these fields",
                                   "engine/distribution")
@@ -187,16 +196,13 @@ class Config:
                               f"or checkpoint_every_s (seconds), not both (checkpoint_every={self.checkpoint_every})")
         if not self.name:
             raise ConfigError("name='': must not be empty (it names the run directory runs/<name>)")
-        if self.engine != "eager":   # DDP and DeepSpeed run the module's own forward: these would be ignored
-            for f, default in (("ce_chunk", 0), ("sdpa_backend", "auto"), ("cuda_graphs", False)):
-                if getattr(self, f) != default:
-                    raise ConfigError(f"{f}={getattr(self, f)!r}: only used with engine='eager', not "
-                                      f"engine={self.engine!r}")
-        if self.engine != "deepspeed":   # DeepSpeed-only fields would be silently ignored
-            for f, default in (("zero_stage", 0), ("offload", "none"), ("deepspeed_config", "")):
-                if getattr(self, f) != default:
-                    raise ConfigError(f"{f}={getattr(self, f)!r}: only used with engine='deepspeed', not "
-                                      f"engine={self.engine!r}")
+        if self.engine == "fsdp" and self.offload not in ("none", "cpu"):
+            raise ConfigError(f"offload={self.offload!r}: engine='fsdp' offloads to 'cpu' only")
+        defaults = {f.name: f.default for f in attrs.fields(Config)}
+        for f, engines in _ENGINE_FIELDS.items():   # a field the chosen engine would silently ignore
+            if self.engine not in engines and getattr(self, f) != defaults[f]:
+                raise ConfigError(f"{f}={getattr(self, f)!r}: only used with engine="
+                                  f"{' or '.join(map(repr, engines))}, not engine={self.engine!r}")
 
     @property
     def run_dir(self) -> str:
@@ -207,6 +213,13 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# fields that only some engines use: DDP, FSDP and DeepSpeed run the module's own forward (no fused loss, no
+# kernel choice, no CUDA graphs of the functional step)
+_ENGINE_FIELDS = {"ce_chunk": ("eager",), "sdpa_backend": ("eager",), "cuda_graphs": ("eager",),
+                  "dp_replicate": ("fsdp",), "dp_shard": ("fsdp",), "reshard_after_forward": ("fsdp",),
+                  "zero_stage": ("deepspeed",), "deepspeed_config": ("deepspeed",), "offload": ("deepspeed", "fsdp")}
 
 
 def field_names(cls) -> list[str]:

@@ -299,9 +299,9 @@ def ema_state(state: TrainState) -> TrainState:
 def check_config(cfg, engine_name: str) -> None:
     """Fail before training on research options this run cannot honour."""
     wanted = [f for f in ("ema_decay", "log_grad_noise", "sharpness_every") if getattr(cfg, f)]
-    if wanted and engine_name == "deepspeed":
-        # DeepSpeed's engine owns the parameters (ZeRO partitions them) and the optimizer update
-        raise ConfigError(f"{wanted[0]}: not supported with engine='deepspeed' (use eager or ddp)")
+    if wanted and engine_name in ("deepspeed", "fsdp"):
+        # the params are partitioned across ranks (ZeRO, FSDP): the probes run on whole, local params
+        raise ConfigError(f"{wanted[0]}: not supported with engine={engine_name!r} (use eager or ddp)")
     if cfg.sharpness_every and cfg.sharpness_every % cfg.log_every:
         raise ConfigError(f"sharpness_every={cfg.sharpness_every}: must be a multiple of log_every={cfg.log_every} "
                           "(sharpness is reported on the train log line)")

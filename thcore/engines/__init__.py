@@ -17,6 +17,9 @@ def make_engine(cfg):
     if cfg.engine == "ddp":
         from .ddp import DDPEngine
         return DDPEngine(cfg)
+    if cfg.engine == "fsdp":
+        from .fsdp import FSDPEngine
+        return FSDPEngine(cfg)
     from .deepspeed import DeepSpeedEngine
     return DeepSpeedEngine(cfg)
 

@@ -1,0 +1,178 @@
+"""The FSDP engine: torch's FSDP2 (`fully_shard`), one process per device under torchrun.
+
+Every block (each child of the model's `nn.ModuleList`s) and then the root are sharded on a DeviceMesh: 1-D
+(`dp_shard` ranks), or 2-D for hybrid sharding (`dp_replicate` x `dp_shard`: replicated across the first mesh
+dimension, e.g. nodes, sharded within). The params become DTensors, and the state's params pytree holds them:
+train_step's math is unchanged (torch's foreach/fused AdamW and the global-norm clipping run on DTensors, and a
+norm over shards is the true global norm). FSDP only replaces *how gradients are computed*: `backward()`
+through the sharded module, whose hooks all-gather params per block and reduce-scatter the gradients. Under
+gradient accumulation the micro-batches before the last keep their gradients unsharded and unreduced, and the
+params unsharded after backward, so each step communicates once.
+
+Checkpoints have the eager engine's layout (whole tensors in model.safetensors / optimizer.safetensors), so
+they load under any engine and at any world size: every rank reads the whole files and keeps its shard.
+"""
+import contextlib
+import copy
+import gc
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .. import checkpoint, tree
+from ..config import ConfigError
+from ..step import loss_fn, train_step
+from . import use_tf32
+from .ddp import backend_and_device, bind, check_torchrun_env, init_process_group
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The units sharded one by one: every child of every ModuleList (GPT's blocks, the encoder's and the
+    decoder's layers), found from outside: the models carry no distribution code."""
+    return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
+
+
+def mesh_shape(cfg, world_size: int) -> tuple[int, int]:
+    """(replicate, shard): `dp_shard=0` shards over all the ranks that `dp_replicate` leaves."""
+    shard = cfg.dp_shard or world_size // cfg.dp_replicate
+    if cfg.dp_replicate * shard != world_size:
+        raise ConfigError(f"dp_replicate={cfg.dp_replicate} x dp_shard={cfg.dp_shard or shard}: must equal the "
+                          f"number of processes ({world_size})")
+    return cfg.dp_replicate, shard
+
+
+def _full(t):
+    """A whole tensor from a DTensor (a collective: every rank calls it), a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class FSDPEngine:
+    name = "fsdp"
+
+    def __init__(self, cfg):
+        check_torchrun_env("engine='fsdp'")
+        self.cfg = cfg
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.is_main = self.rank == 0
+        replicate, shard = mesh_shape(cfg, self.world_size)
+        self.backend, self.device = backend_and_device(cfg.device, self.local_rank)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(self.device)
+        init_process_group(self.backend, cfg.dist_timeout_s, device_id=self.device if cuda else None)
+        self.mesh = (init_device_mesh(self.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+                     if replicate > 1 else init_device_mesh(self.device.type, (shard,), mesh_dim_names=("shard",)))
+        self.model = self.params = None
+
+    def init(self, state):
+        cfg = self.cfg
+        state = state.to(self.device)
+        use_tf32(self.device)
+        model = state.model
+        bind(model, state.params, state.buffers)   # shard the state's tensors themselves
+        # the model's definition without tensors (meta): evaluation runs it over gathered params (eval_state)
+        self._twin = copy.deepcopy(model, {id(p): nn.Parameter(p.to("meta"), p.requires_grad)
+                                           for p in model.parameters()})
+        dtype = _DTYPES.get(state.options.precision)
+        policy = {"mesh": self.mesh, "reshard_after_forward": cfg.reshard_after_forward,
+                  # low-precision compute and all-gathers, gradients reduced in fp32
+                  "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype
+                  else MixedPrecisionPolicy(),
+                  "offload_policy": CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if cfg.offload == "cpu"
+                  else None}
+        policy = {k: v for k, v in policy.items() if v is not None}
+        units = blocks(model)
+        # loss_fn never writes into the model's output in place: FSDP's warning about returned views is moot
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for block in units:
+            fully_shard(block, **policy)
+        fully_shard(model, **policy)
+        if state.options.compile:   # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+            for block in units:
+                block.compile()
+        self.model = model
+        self.params = dict(model.named_parameters())   # the sharded nn.Parameters: FSDP leaves .grad there
+        # the state holds the same DTensors without the autograd leaf flag (the optimizer updates them in place)
+        params = {k: p.detach() for k, p in self.params.items()}
+        return state.replace(params=params, opt_state=state.tx.init(params))
+
+    def _grads(self, state, microbatches, scale, seeds):
+        """train_step's `grads_fn`: the sum over micro-batches of d(loss_sum * scale)/d(params), reduced over
+        all ranks. FSDP averages over the mesh and `scale` divides by the global token count, so the loss is
+        multiplied by world_size (as under DDP)."""
+        for p in self.params.values():
+            p.grad = None
+        opts, last = state.options, len(microbatches) - 1
+        loss_sum = 0.0
+        for i, (mb, seed) in enumerate(zip(microbatches, seeds)):
+            self.model.set_requires_gradient_sync(i == last)
+            self.model.set_reshard_after_backward(i == last)
+            torch.manual_seed(seed)
+            # no autocast: FSDP's mixed-precision policy casts the params it gathers (the loss runs in fp32)
+            ls, _ = loss_fn(self.model, {}, {}, mb, opts.label_smoothing)
+            (ls * (scale * self.world_size)).backward()
+            loss_sum = loss_sum + ls.detach()
+        return {k: p.grad for k, p in self.params.items()}, loss_sum
+
+    def step(self, state, batch):
+        state, metrics = train_step(state, batch, donate=True, grads_fn=self._grads, sum_fn=self.reduce_sum,
+                                    stream=self.rank)   # per-rank dropout masks
+        # norms over sharded tensors come back as replicated DTensors: the loop reads plain tensors
+        return state, {k: v.to_local() if isinstance(v, DTensor) else v for k, v in metrics.items()}
+
+    def reduce_sum(self, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def num_params(self, state) -> int:
+        return sum(p.numel() for p in state.params.values())   # a DTensor's numel is the whole tensor's
+
+    @contextlib.contextmanager
+    def eval_state(self, state):
+        """Evaluation and decoding run the model functionally over whole params: gathered for the duration."""
+        yield state.replace(model=self._twin, params={k: _full(p) for k, p in state.params.items()})
+
+    # -- checkpoints: the eager layout, gathered ---------------------------------------------------------------
+    def save(self, state, run_dir, keep=3, extra=None):
+        whole = state.replace(params={k: _full(p) for k, p in state.params.items()},
+                              opt_state=tree.tree_map(_full, state.opt_state))
+        path = checkpoint.save(whole, run_dir, keep=keep, extra=extra) if self.is_main else None
+        dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
+        return path
+
+    def restore(self, state, paths):
+        """Every rank reads the whole tensors and keeps its own shard of each (any saved world size, any engine)."""
+        quiet = (lambda *a, **k: None)   # noqa: E731
+        new, meta, path = checkpoint.restore(state, paths, log=print if self.is_main else quiet,
+                                             resume=self.cfg.resume)
+        if path is None:
+            return state, None, None
+        with torch.no_grad():
+            for mine, loaded in ((state.params, new.params),
+                                 (tree.flatten(state.opt_state), tree.flatten(new.opt_state))):
+                for k, t in mine.items():
+                    src = loaded[k].to(t.device, t.dtype)
+                    if isinstance(t, DTensor):   # each rank has the whole tensor: no communication
+                        src = distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local()
+                        t = t.to_local()
+                    t.copy_(src)
+        return new.replace(params=state.params, opt_state=state.opt_state), meta, path
+
+    def close(self, clean: bool = True):
+        if not dist.is_initialized():
+            return
+        if clean:
+            dist.barrier()
+        self.model = self.params = None
+        gc.collect()
+        dist.destroy_process_group()
