@@ -4,7 +4,7 @@ setup(
     name="torch-handle",
     version="0.1.0",
     description="Train Transformers from one device to DDP and DeepSpeed ZeRO around a small functional core",
-    packages=find_packages(include=["thcore", "thcore.*", "launchers"]),
+    packages=find_packages(include=["thcore", "thcore.*", "launchers", "recipes"]),
     py_modules=["th"],
     entry_points={"console_scripts": ["th = th:main"]},
     python_requires=">=3.10",
