@@ -5,8 +5,8 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import random
-import resource
 import subprocess
 import sys
 
@@ -220,6 +220,8 @@ def test_translation_prepare_encodes_as_the_in_memory_path(tmp_path):
         assert (mapped.dropped > 0) != truncate   # max_len 24 drops some training pairs, truncates evaluation ones
         assert all(a.tolist() == b.tolist() for j in range(len(mapped)) for a, b in zip(mapped[j], direct[j]))
         assert mapped.sizes().tolist() == direct.sizes().tolist()
+        shipped = pickle.dumps(mapped)   # what a DataLoader worker receives: the paths, not the corpus
+        assert len(shipped) < 1000 and pickle.loads(shipped)[5][1].tolist() == mapped[5][1].tolist()
     assert tdata.read_refs(str(tmp_path / "p"), "valid") == read_lines(str(d / "valid.de"), "x")
     # a sample of the training pairs: every k-th pair
     every10 = tdata.train_tokenizers(str(d / "train.en"), str(d / "train.de"), "bpe", 500, False, 1, 120, 1200)[0]

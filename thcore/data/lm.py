@@ -133,6 +133,9 @@ def safe_cut(text: str, lo: int, hi: int) -> int:
     return -1
 
 
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
 class _CharEncoder:
     """Characters to ids through a table indexed by code point (numpy: no Python loop per character)."""
 
@@ -142,51 +145,72 @@ class _CharEncoder:
         self.table[cps] = np.arange(len(cps))
 
     def feed(self, text: str) -> np.ndarray:
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        return self.table[cps]
+        return self.table[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
 
-    def flush(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.int64)
+    def separator(self, eot: int) -> np.ndarray:
+        return np.array([eot], dtype=np.int64)
+
+    def end_document(self) -> np.ndarray:
+        return _EMPTY
+
+    flush = end_document
 
 
 class _BPEEncoder:
-    """Text fed in blocks is encoded in calls of ~ENCODE_CHARS, cut only where `safe_cut` allows, each call
-    a batch of ~PIECE_CHARS pieces that `tokenizers` encodes on all cores."""
+    """The documents of one split, fed in blocks, are queued as pieces of ~PIECE_CHARS cut only where
+    `safe_cut` allows (and at every document's end) and encoded ~ENCODE_CHARS at a time: one `encode_batch`
+    call of many pieces, which `tokenizers` spreads over all cores, whether documents are long or short."""
 
     def __init__(self, tok: "GPT2Tokenizer"):
-        self.tok = tok.tok
-        self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)   # the same ids, no offsets
-        self.pending = ""
+        self.encode = tok.tok.encode_batch
+        self.pending, self.queue, self.queued = "", [], 0   # queue: text pieces and separator ids, in order
 
-    def _encode(self, text: str) -> np.ndarray:
-        pieces, lo = [], 0
+    def _cut(self, text: str):
+        lo = 0
         while len(text) - lo > PIECE_CHARS:
             p = safe_cut(text, lo + PIECE_CHARS // 2, lo + PIECE_CHARS)
             if p < 0:
                 p = safe_cut(text, lo, len(text))
                 if p <= lo:
                     break
-            pieces.append(text[lo:p])
+            self.queue.append(text[lo:p])
             lo = p
-        pieces.append(text[lo:])
-        encs = self.encode(pieces)
-        return np.concatenate([np.array(e.ids, dtype=np.int64) for e in encs]) if encs else np.zeros(0, np.int64)
+        self.queue.append(text[lo:])
+        self.queued += len(text)
+
+    def _drain(self, force: bool = False) -> np.ndarray:
+        if not self.queue or not force and self.queued < ENCODE_CHARS:
+            return _EMPTY
+        encs = iter(self.encode([x for x in self.queue if isinstance(x, str)]))
+        out = [np.array(next(encs).ids if isinstance(x, str) else [x], dtype=np.int64) for x in self.queue]
+        self.queue, self.queued = [], 0
+        return np.concatenate(out)
 
     def feed(self, text: str) -> np.ndarray:
         self.pending += text
         if len(self.pending) < ENCODE_CHARS:
-            return np.zeros(0, dtype=np.int64)
+            return _EMPTY
         p = safe_cut(self.pending, 0, len(self.pending))
         if p < 0:
             if len(self.pending) < 16 * ENCODE_CHARS:
-                return np.zeros(0, dtype=np.int64)
+                return _EMPTY
             p = len(self.pending)   # no cut in 64M characters: cut anyway (tokens at this one seam may differ)
-        text, self.pending = self.pending[:p], self.pending[p:]
-        return self._encode(text)
+        self._cut(self.pending[:p])
+        self.pending = self.pending[p:]
+        return self._drain()
+
+    def separator(self, eot: int) -> np.ndarray:
+        self.queue.append(eot)
+        return _EMPTY
+
+    def end_document(self) -> np.ndarray:
+        if self.pending:
+            self._cut(self.pending)
+            self.pending = ""
+        return self._drain()
 
     def flush(self) -> np.ndarray:
-        text, self.pending = self.pending, ""
-        return self._encode(text) if text else np.zeros(0, dtype=np.int64)
+        return np.concatenate([self.end_document(), self._drain(force=True)])
 
 
 def _documents(files: list[str], text_field: str, hasher=None, on_bytes=None):
@@ -267,22 +291,22 @@ def prepare(input: str, out: str, tokenizer: str = "char", tokenizer_dir: str = 
                 counts[f"{split}_tokens"] += len(ids)
                 bar.set_postfix_str(f"{counts['train_tokens'] + counts['val_tokens']:,} tokens", refresh=False)
 
-        def encoder():
-            return _CharEncoder(tok) if tokenizer == "char" else _BPEEncoder(tok)
-
+        encoders = {k: _CharEncoder(tok) if tokenizer == "char" else _BPEEncoder(tok) for k in outs}
         for i, blocks in enumerate(_documents(files, text_field, hasher, bar.update)):
             split = "val" if n_val and _is_val(i, n_docs, n_val) else "train"
             if used[split] and eot is not None:
-                write(split, np.array([eot]))
+                write(split, encoders[split].separator(eot))
             used[split] = True
-            enc, seen = encoder(), 0
+            seen = 0
             for text in blocks:
                 if 0 <= cut < seen + len(text) and split == "train":   # the one-document split point
-                    write(split, enc.feed(text[:cut - seen]))
-                    write(split, enc.flush())
-                    split, enc, text, seen = "val", encoder(), text[cut - seen:], cut
-                write(split, enc.feed(text))
+                    write(split, encoders[split].feed(text[:cut - seen]))
+                    write(split, encoders[split].flush())
+                    split, text, seen = "val", text[cut - seen:], cut
+                write(split, encoders[split].feed(text))
                 seen += len(text)
+            write(split, encoders[split].end_document())
+        for split, enc in encoders.items():
             write(split, enc.flush())
         for f in outs.values():
             f.close()
