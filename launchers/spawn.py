@@ -103,6 +103,7 @@ def _quiet(record) -> bool:
 if __name__ == "__main__":   # torchrun, with the first failed worker's status instead of a traceback
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -111,3 +112,5 @@ if __name__ == "__main__":   # torchrun, with the first failed worker's status i
         torchrun(sys.argv[1:])
     except ChildFailedError as e:
         sys.exit(_status(e))
+    except SignalException as e:   # a forwarded Ctrl-C / SIGTERM: the workers saved and said so; no traceback
+        sys.exit(128 + int(e.sigval))

@@ -15,13 +15,14 @@ from .loop import Interrupted
 
 def _first_error() -> bool:
     """Is this the first error of this torchrun job (attempt)? True outside torchrun or without its store."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+    # only torchrun's own store outlives the workers (ranks started by hand keep theirs in rank 0's process)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return True
     rank = os.environ.get("RANK", "0")
     try:
         import torch.distributed as dist
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=10))
+                              timeout=datetime.timedelta(seconds=5))
         key = f"torch_handle/first_error/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         # the first caller sets the key; later ones read the first one's rank back
         return store.compare_set(key, "", rank) == rank.encode()
