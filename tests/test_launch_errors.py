@@ -133,6 +133,19 @@ def test_failed_starts_leave_every_file_as_it_was(runs, tmp_path, nproc):
     assert json.loads(ev.stdout)["checkpoint"] == f"{run}/checkpoints/step_10"
 
 
+def test_a_zero_checkpoint_of_another_model_is_one_line_and_changes_nothing(tmp_path):
+    """The same on DeepSpeed ZeRO-2 (2 processes), where DeepSpeed itself loads the shards."""
+    pytest.importorskip("deepspeed")
+    recipe, run = os.path.join(ROOT, "recipes", "zero2_translation.py"), str(tmp_path / "run")
+    done = launch(recipe, run, 2, max_steps=5, demo_valid_size=8, demo_test_size=8)
+    assert done.returncode == 0, done.stderr[-4000:]
+    before = snapshot(run)
+    line = one_error(launch(recipe, run, 2, max_steps=5, d_model=64))
+    assert line.startswith(f"error: {run}/checkpoints/step_5: size mismatch for model.") and \
+        "written by a model with other settings" in line, line
+    assert snapshot(run) == before
+
+
 def test_every_checkpoint_damaged_is_refused_without_risky_advice(runs, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(runs[1], run)

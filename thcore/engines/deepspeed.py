@@ -322,7 +322,15 @@ class DeepSpeedEngine:
             raise checkpoint.CheckpointError(pick[1])
         if pick[0] is None:
             return state, None, None
-        loaded, _ = self.engine.load_checkpoint(pick[0], load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            loaded, _ = self.engine.load_checkpoint(pick[0], load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        except RuntimeError as e:   # torch's load_state_dict: a checkpoint of another model shape, on every rank
+            detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            if not str(e).startswith("Error(s) in loading state_dict") or not detail:
+                raise
+            raise checkpoint.incompatible(checkpoint.IncompatibleCheckpoint(f"{pick[0]}: {detail[0].rstrip('.')}"),
+                                          self.cfg.resume) from None
         if loaded is None:
             raise checkpoint.CheckpointError(f"{pick[0]}: DeepSpeed could not load it")
         with open(os.path.join(pick[0], "state.json")) as f:
