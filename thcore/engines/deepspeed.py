@@ -20,10 +20,13 @@ import contextlib
 import copy
 import datetime
 import gc
+import io
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,7 @@ from .. import checkpoint, tree
 from ..config import ConfigError
 from ..optim import _groups
 from ..step import IGNORE, dropout_seed, loss_fn
+from . import use_tf32
 from .ddp import backend_and_device, check_torchrun_env, init_process_group
 
 INSTALL_HINT = "pip install 'torch-handle[deepspeed]' (or pip install deepspeed)"
@@ -80,6 +84,8 @@ def build_config(cfg, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,    # our torch optimizer (AdamW/SGD) under ZeRO
         "zero_force_ds_cpu_optimizer": False,     # offloaded SGD: torch's, on the CPU partitions
         "steps_per_print": 2 ** 31 - 1,           # the loop logs
+        # the loop times the steps: DeepSpeed's throughput timer would synchronise the device twice a micro-batch
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
@@ -143,10 +149,12 @@ def make_optimizer(cfg, model: nn.Module, ds_config: dict):
               for names, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if names]
     if "optimizer" in ds_config:
         return None, groups
+    # torch's fused kernel on a GPU (one pass over params, grads and moments); foreach on the CPU accelerator
+    kernel = {"fused": True} if torch.cuda.is_available() and cfg.device != "cpu" else {"foreach": True}
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
     else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kernel)
     return opt, groups
 
 
@@ -198,6 +206,7 @@ class DeepSpeedEngine:
 
     def init(self, state):
         import deepspeed
+        use_tf32(self.device)
         model = state.model
         with torch.no_grad():   # the module's own tensors take the state's values (e.g. LM init_from)
             for k, p in model.named_parameters():
@@ -261,9 +270,9 @@ class DeepSpeedEngine:
                     norm = tree.global_norm([p.grad for p in self.engine.module.parameters() if p.grad is not None])
                 self.engine.step()
                 loss_sum = loss_sum + ls.detach().float()
-        if norm is None:
+        if norm is None:   # a tensor or a Python number, as DeepSpeed keeps it: never read back here
             norm = self.engine.get_global_grad_norm()
-            norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+            norm = torch.as_tensor(float("nan") if norm is None else norm).detach().float().reshape(())
         metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": norm,
                    "lr": lr if self._own_lr else self.engine.get_lr()[0]}
         if not self.engine.was_step_applied():   # fp16 overflow: DeepSpeed skipped the update, lowered the scale
@@ -360,21 +369,47 @@ def _strip(d: dict, names) -> dict:
     return {k[len("model."):]: d[k].detach().float().contiguous().clone() for k in names}
 
 
+class _Quiet(contextlib.ExitStack):
+    def __enter__(self):
+        super().__enter__()
+        self.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        return self
+
+
+def _natural(name: str):
+    """rank order of DeepSpeed's shard files (`..._2_optim_states.pt` before `..._10_...`)"""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _consolidate_as_fp32(tag, tag_dir, optim_files, osd, fp32_key, flat_groups) -> dict:
+    """get_fp32_state_dict_from_zero_checkpoint over a copy of the checkpoint in which rank r's fp32 partitions
+    are flat_groups[r]: DeepSpeed's consolidation of any tensor partitioned like the master weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(tag_dir))) as tmp:
+        os.makedirs(os.path.join(tmp, tag))
+        for n in os.listdir(tag_dir):
+            if n not in optim_files:   # the model-state files, as they are
+                os.symlink(os.path.abspath(os.path.join(tag_dir, n)), os.path.join(tmp, tag, n))
+        for f, o, groups in zip(sorted(optim_files, key=_natural), osd, flat_groups):
+            inner = {k: v for k, v in o["optimizer_state_dict"].items() if k != fp32_key}
+            torch.save({**o, "optimizer_state_dict": {**inner, fp32_key: groups}}, os.path.join(tmp, tag, f))
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+
+
 def consolidate(ckpt: str) -> tuple[dict, dict, dict]:
     """(params, flat optimizer state, meta) of DeepSpeed checkpoint dir `ckpt`, any stage and world size, fp32:
-    what an eager checkpoint holds. ZeRO 1-3 through DeepSpeed's zero_to_fp32 reconstruction (exact), applied
-    to the fp32 master partitions and to each optimizer moment (which DeepSpeed partitions the same way)."""
-    import contextlib
-    import io
-
-    from deepspeed.utils import zero_to_fp32 as z
+    what an eager checkpoint holds. ZeRO 1-3 through DeepSpeed's public get_fp32_state_dict_from_zero_checkpoint
+    (exact), for the fp32 master weights and for each optimizer moment (partitioned the same way)."""
+    from deepspeed.utils.zero_to_fp32 import (get_fp32_state_dict_from_zero_checkpoint, get_model_state_file,
+                                              get_model_state_files, parse_model_states)
     with open(os.path.join(ckpt, "latest")) as f:
         tag_dir = os.path.join(ckpt, f.read().strip())
     with open(os.path.join(ckpt, "state.json")) as f:
         meta = json.load(f)
     optim_files = sorted(n for n in os.listdir(tag_dir) if n.endswith("_optim_states.pt"))
     if not optim_files:   # stage 0 in fp32: the module and a torch optimizer's state_dict, whole
-        sd = torch.load(z.get_model_state_file(tag_dir, 0), map_location="cpu", weights_only=False)
+        sd = torch.load(get_model_state_file(tag_dir, 0), map_location="cpu", weights_only=False)
         seen, names = set(), []
         for k, t in sd["module"].items():   # parameters once (tied ones share storage), in module order
             if k not in sd["buffer_names"] and t.untyped_storage().data_ptr() not in seen:
@@ -389,31 +424,26 @@ def consolidate(ckpt: str) -> tuple[dict, dict, dict]:
             for key, v in st.items():
                 opt[f"{key}/{flat_names[i]}"] = torch.as_tensor(v, dtype=torch.float32).clone()
         return params, opt, meta
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # it narrates
-        model_states = z.parse_model_states(z.get_model_state_files(tag_dir))
-        osd = [torch.load(os.path.join(tag_dir, f), map_location="cpu", weights_only=False)["optimizer_state_dict"]
-               for f in sorted(optim_files, key=z.natural_keys)]
-        stage = int(osd[0].get("zero_stage", 1))   # bf16 at stage 0 keeps ZeRO-1's layout (BF16_Optimizer)
-        world = osd[0]["partition_count"]
-        world = max(world) if isinstance(world, list) else world
-        fp32_key, inner_key = (("single_partition_of_fp32_groups", "base_optimizer_state") if stage <= 2
+    tag = os.path.basename(tag_dir)
+    with _Quiet():   # DeepSpeed narrates every file it reads
+        # the fp32 master weights: DeepSpeed's own consolidation, exact for ZeRO 1-3 at any world size
+        full = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=tag)
+        shapes = parse_model_states(get_model_state_files(tag_dir))[0].param_shapes
+        names = [k for group in shapes for k in group]   # the parameters (no buffers, tied ones once), in order
+        params = _strip(full, names)
+        # each optimizer moment is partitioned exactly as the master weights: the same public function
+        # consolidates it from a copy of the checkpoint whose fp32 partitions are that moment's
+        osd = [torch.load(os.path.join(tag_dir, f), map_location="cpu", weights_only=False)
+               for f in sorted(optim_files, key=_natural)]
+        stage = int(osd[0]["optimizer_state_dict"].get("zero_stage", 1))
+        fp32_key, state_key = (("single_partition_of_fp32_groups", "base_optimizer_state") if stage <= 2
                                else ("fp32_flat_groups", "optimizer_state_dict"))
-
-        def merge(flat_groups):   # [rank][group] flat partitions -> {DeepSpeed name: tensor}
-            if stage <= 2:
-                sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False,
-                                                                  osd[0].get("param_alignment_paddings"))
-            else:
-                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-            return z.to_torch_tensor(sd)
-
-        names = [k for shapes in model_states[0].param_shapes for k in shapes]
-        params = _strip(merge([o[fp32_key] for o in osd]), names)
-        states = [o[inner_key]["state"] for o in osd]   # per rank: {group: {exp_avg: flat, ..., step}}
+        states = [o["optimizer_state_dict"][state_key]["state"] for o in osd]   # per rank: {group: {key: flat}}
         opt = {}
         for key, v in states[0][0].items():
             if torch.is_tensor(v) and v.dim() == 1:
-                moment = _strip(merge([[s[g][key] for g in sorted(s)] for s in states]), names)
+                moment = _strip(_consolidate_as_fp32(tag, tag_dir, optim_files, osd, fp32_key,
+                                                     [[s[g][key] for g in sorted(s)] for s in states]), names)
                 opt.update({f"{key}/{k}": t for k, t in moment.items()})
             else:   # the step count: one per group in DeepSpeed, one per param in our optimizer state
                 opt.update({f"{key}/{k}": torch.tensor(float(v), dtype=torch.float32) for k in params})
