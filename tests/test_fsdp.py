@@ -5,16 +5,17 @@ As in tests/test_ddp.py: dropout 0 (each rank draws its own masks) and SGD (its 
 so the reduction order's rounding stays at rounding level)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, shakespeare_chars, th, tiny_config
 from conftest import free_port
-from test_ddp import ENV, MULTINODE, TIMEOUT, assert_close, params
+from test_ddp import ENV, MULTINODE, TIMEOUT, assert_close
+from thcore.shards import Reader
 from thcore.engines.eager import EagerEngine
 from thcore.loop import fit
 from thcore.tasks.translation import TranslationTask
@@ -41,6 +42,11 @@ def fsdp(out, recipe=TRANSLATION, nproc=2, **kw):
     return p
 
 
+def params(run, step=STEPS):
+    """Whole params of a checkpoint, sharded (fsdp) or not (eager, ddp)."""
+    return Reader(os.path.join(run, "checkpoints", f"step_{step}")).read_all("model")
+
+
 def eager(out, **kw):
     cfg = tiny_config(out, **{**RUN, "out_dir": str(out), **kw})
     return fit(cfg, TranslationTask(cfg), EagerEngine(cfg))
@@ -49,6 +55,13 @@ def eager(out, **kw):
 @pytest.fixture(scope="module")
 def chars(tmp_path_factory):
     return shakespeare_chars(tmp_path_factory, 50_000)
+
+
+def from_step_10(src, dst):
+    """A copy of run `src` as it was at step 10 (its later checkpoint left out)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"step_{STEPS}", "latest"))
+    with open(os.path.join(dst, "checkpoints", "latest"), "w") as f:
+        f.write("step_10\n")
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -74,12 +87,20 @@ def test_fsdp_two_ranks_equal_eager_with_twice_the_batch(reference):
     two, one = reference
     _close(params(two), params(one))
     for ckpt in (os.path.join(two, "checkpoints", f"step_{s}") for s in (10, STEPS)):
-        for name in os.listdir(ckpt):   # pickle-free: every file is safetensors or JSON, and opens as such
+        names = sorted(os.listdir(ckpt))
+        # each rank wrote its own rows: a model and an optimizer file per rank, an index, no whole-model file
+        assert names == ["manifest.json", "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
+                         "optimizer-00000-of-00002.safetensors", "optimizer-00001-of-00002.safetensors",
+                         "shards.json", "state.json"]
+        for name in names:   # pickle-free: every file is safetensors or JSON, and opens as such
             path = os.path.join(ckpt, name)
             if name.endswith(".safetensors"):
                 assert load_file(path)
             else:
-                assert name.endswith(".json") and json.load(open(path))
+                assert json.load(open(path))
+        shard0 = load_file(os.path.join(ckpt, "model-00000-of-00002.safetensors"))
+        whole = params(two, int(ckpt.rsplit("_", 1)[1]))
+        assert all(shard0[k].shape[0] == (whole[k].shape[0] + 1) // 2 for k in shard0 if whole[k].dim())
 
 
 def test_accumulation_and_activation_checkpointing(tmp_path):
@@ -100,12 +121,6 @@ def test_checkpoints_move_between_engines_and_world_sizes(reference, tmp_path):
     """fsdp(2) -> eager(1), fsdp(2) -> fsdp(2), eager(1) -> fsdp(2): each resumed run ends where the run that
     never stopped ended (the eager resume at twice the batch, the same global batch)."""
     two, one = reference
-    import shutil
-
-    def from_step_10(src, dst):
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"step_{STEPS}", "latest"))
-        with open(os.path.join(dst, "checkpoints", "latest"), "w") as f:
-            f.write("step_10\n")
     from_step_10(two, tmp_path / "to_eager")
     eager(tmp_path / "to_eager", batch_size=2 * B)
     _close(params(str(tmp_path / "to_eager")), params(two))
@@ -124,3 +139,20 @@ def test_fsdp_fields_are_checked_before_any_work(tmp_path):
     p = th("run", TRANSLATION, "--engine=fsdp", "--zero_stage=2", f"--out_dir={tmp_path / 'r'}", check=False)
     assert p.returncode == 2 and p.stderr.strip() == \
         "error: zero_stage=2: only used with engine='deepspeed', not engine='fsdp'"
+
+
+def test_hybrid_sharding_on_four_ranks_then_two(reference, tmp_path):
+    """dp_replicate=2 x dp_shard=2 on 4 ranks (B/2 each: the same global batch), then 2 ranks resume its
+    checkpoint: the replicas write nothing twice, and the shards of 4 become the shards of 2."""
+    two, one = reference
+    hybrid = str(tmp_path / "hybrid")
+    fsdp(hybrid, nproc=4, dp_replicate=2, batch_size=B // 2)
+    ckpt = os.path.join(hybrid, "checkpoints", "step_10")
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("model")) == \
+        ["model-00000-of-00004.safetensors", "model-00001-of-00004.safetensors"]   # the first replica's ranks
+    _close(params(hybrid, 10), params(one, 10))
+    _close(params(hybrid), params(one))
+    resumed = str(tmp_path / "resumed")
+    from_step_10(hybrid, resumed)
+    fsdp(resumed)   # 2 ranks, 1-D mesh, from the 4-rank checkpoint to step 20
+    _close(params(resumed), params(two))

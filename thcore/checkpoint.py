@@ -96,9 +96,13 @@ def _write_failure(final: str, e: BaseException) -> str:
     return f"could not write checkpoint {final}: {text}{hint}; the previous checkpoint is intact"
 
 
-def write_dir(final: str, writers: dict) -> None:
+def write_dir(final: str, writers: dict, known: dict | None = None) -> None:
     """Create directory `final` atomically: each `writers[name](path)` writes one file into a temporary
-    directory, a manifest with sizes and checksums is added, everything is fsynced, then it is renamed."""
+    directory, a manifest with sizes and checksums is added, everything is fsynced, then it is renamed.
+
+    `known`: {name: {"size", "sha256"}} of files whose writers hashed and fsynced them already (each rank of a
+    sharded checkpoint its own, in parallel)."""
+    known = known or {}
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{os.getpid()}")
@@ -111,8 +115,12 @@ def write_dir(final: str, writers: dict) -> None:
         for dirpath, _, names in os.walk(tmp):
             for n in names:
                 p = os.path.join(dirpath, n)
+                rel = os.path.relpath(p, tmp)
+                if rel in known:
+                    files[rel] = known[rel]
+                    continue
                 plain_mode(p)
-                files[os.path.relpath(p, tmp)] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+                files[rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
                 _fsync(p)
         _write_json(os.path.join(tmp, MANIFEST), {"files": files})
         _fsync(os.path.join(tmp, MANIFEST))
@@ -134,8 +142,16 @@ def write_dir(final: str, writers: dict) -> None:
         raise
 
 
-def verify(ckpt: str) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file of checkpoint `ckpt`."""
+def file_entry(path: str) -> dict:
+    """The manifest entry of a written file (made readable as other files are, and fsynced)."""
+    plain_mode(path)
+    _fsync(path)
+    return {"size": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def verify(ckpt: str, only=None) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file of checkpoint `ckpt` (of the
+    files named in `only`, when given: a rank of a sharded checkpoint checks the files it reads)."""
     mpath = os.path.join(ckpt, MANIFEST)
     try:
         with open(mpath) as f:
@@ -143,6 +159,8 @@ def verify(ckpt: str) -> None:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{mpath}: missing or unreadable manifest ({e.__class__.__name__})") from None
     for rel, want in files.items():
+        if only is not None and rel not in only:
+            continue
         p = os.path.join(ckpt, rel)
         if not os.path.isfile(p):
             raise CheckpointError(f"{p}: missing")
@@ -199,10 +217,11 @@ def _check_space(root: str, final: str, need: int) -> None:
 
 
 def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True,
-         files: dict | None = None) -> str:
+         files: dict | None = None, known: dict | None = None) -> str:
     """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`.
 
-    `files`: more {name: write(path)} entries for write_dir (the DeepSpeed engine moves its own files in)."""
+    `files`: more {name: write(path)} entries for write_dir (the DeepSpeed and FSDP engines move their own files
+    in); `known`: their manifest entries, when their writers made them."""
     root = root_of(run_dir)
     final = os.path.join(root, f"step_{state.step}")
     _sweep(root)
@@ -218,7 +237,7 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
             writers["ema.safetensors"] = lambda p: save_file(ema, p, metadata={"format": "pt"})
         _check_space(root, final, sum(t.nbytes for d in (params, opt, ema if state.ema is not None else {})
                                       for t in d.values()))
-    write_dir(final, {**writers, **(files or {})})
+    write_dir(final, {**writers, **(files or {})}, known)
     tmp = os.path.join(root, f".latest-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(os.path.basename(final) + "\n")
@@ -270,14 +289,44 @@ def _load_tensors(path: str, like: dict, what: str) -> dict:
     return out
 
 
+def _load_sharded(ckpt: str, kind: str, like: dict, what: str) -> dict:
+    """Whole tensors of a sharded checkpoint (thcore/shards.py), checked as `_load_tensors` checks them."""
+    from .shards import INDEX, Reader
+    try:
+        reader = Reader(ckpt)
+        loaded = {k: None for k in reader.names(kind)}
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{os.path.join(ckpt, INDEX)}: unreadable ({e.__class__.__name__}: {e})") from None
+    missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
+    if missing or unexpected:
+        name = sorted(missing or unexpected)[0]
+        raise IncompatibleCheckpoint(f"{ckpt}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
+    out = {}
+    for k, ref in like.items():
+        if reader.shape(kind, k) != tuple(ref.shape):
+            raise IncompatibleCheckpoint(f"{ckpt}: {what} {k!r} has shape {reader.shape(kind, k)}, the model "
+                                         f"expects {tuple(ref.shape)}")
+        try:
+            out[k] = reader.read(kind, k).to(device=ref.device, dtype=ref.dtype)
+        except Exception as e:   # SafetensorError, a missing part
+            raise CheckpointError(f"{ckpt}: {what} {k!r}: unreadable ({str(e).strip().splitlines()[0]})") from None
+    return out
+
+
+def is_sharded(ckpt: str) -> bool:
+    from .shards import INDEX
+    return os.path.isfile(os.path.join(ckpt, INDEX))
+
+
 def load_params(ckpt: str, like: dict) -> dict:
     """The params of checkpoint (or exported) directory `ckpt`, checked against the names/shapes of `like`."""
+    if is_sharded(ckpt):
+        return _load_sharded(ckpt, "model", like, "param")
     return _load_tensors(os.path.join(ckpt, "model.safetensors"), like, "param")
 
 
-def load(state, ckpt: str):
-    """`state` with params, optimizer state and metadata from checkpoint dir `ckpt` (verified first)."""
-    verify(ckpt)
+def read_meta(ckpt: str, state) -> dict:
+    """state.json of `ckpt`, checked to carry what `state.with_meta` needs."""
     path = os.path.join(ckpt, "state.json")
     try:
         with open(path) as f:
@@ -285,9 +334,17 @@ def load(state, ckpt: str):
         state.with_meta(meta)   # the fields it needs are there and have the right types
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid state.json ({e.__class__.__name__}: {e})") from None
+    return meta
+
+
+def load(state, ckpt: str):
+    """`state` with params, optimizer state and metadata from checkpoint dir `ckpt` (verified first)."""
+    verify(ckpt)
+    meta = read_meta(ckpt, state)
     params = load_params(ckpt, state.params)
-    opt = tree.unflatten(_load_tensors(os.path.join(ckpt, "optimizer.safetensors"),
-                                       tree.flatten(state.opt_state), "optimizer tensor"))
+    opt_like = tree.flatten(state.opt_state)
+    opt = tree.unflatten(_load_sharded(ckpt, "optimizer", opt_like, "optimizer tensor") if is_sharded(ckpt) else
+                         _load_tensors(os.path.join(ckpt, "optimizer.safetensors"), opt_like, "optimizer tensor"))
     ema = state.ema
     if ema is not None:   # a checkpoint from before EMA was switched on: the EMA starts at its params
         path = os.path.join(ckpt, "ema.safetensors")

@@ -9,13 +9,18 @@ through the sharded module, whose hooks all-gather params per block and reduce-s
 gradient accumulation the micro-batches before the last keep their gradients unsharded and unreduced, and the
 params unsharded after backward, so each step communicates once.
 
-Checkpoints have the eager engine's layout (whole tensors in model.safetensors / optimizer.safetensors), so
-they load under any engine and at any world size: every rank reads the whole files and keeps its shard.
+Checkpoints are written by every rank in parallel, each its own rows (thcore/shards.py: safetensors files and a
+JSON index); they load under any engine and at any world size, and this engine also loads the eager layout:
+each rank reads only the rows of its own shard.
 """
 import contextlib
 import copy
 import gc
+import glob
+import json
 import os
+import shutil
+import sys
 import warnings
 
 import torch
@@ -23,9 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from .. import checkpoint, tree
+from .. import checkpoint, shards, tree
 from ..config import ConfigError
 from ..step import loss_fn, train_step
 from . import use_tf32
@@ -142,31 +147,85 @@ class FSDPEngine:
         """Evaluation and decoding run the model functionally over whole params: gathered for the duration."""
         yield state.replace(model=self._twin, params={k: _full(p) for k, p in state.params.items()})
 
-    # -- checkpoints: the eager layout, gathered ---------------------------------------------------------------
+    # -- checkpoints: every rank writes its own shards (thcore/shards.py) --------------------------------------
     def save(self, state, run_dir, keep=3, extra=None):
-        whole = state.replace(params={k: _full(p) for k, p in state.params.items()},
-                              opt_state=tree.tree_map(_full, state.opt_state))
-        path = checkpoint.save(whole, run_dir, keep=keep, extra=extra) if self.is_main else None
+        """Every rank writes (and hashes) its rows into one staging directory; rank 0 adds the index, state.json
+        and the manifest and moves it into place as checkpoint.save does (atomically, `latest` last)."""
+        root = checkpoint.root_of(run_dir)
+        staging = os.path.join(root, f".fsdp-step_{state.step}")
+        if self.is_main:
+            for old in glob.glob(os.path.join(root, ".fsdp-step_*")):   # left by a killed save
+                shutil.rmtree(old, ignore_errors=True)
+            os.makedirs(staging)
+        dist.barrier()
+        part = shards.write(staging, {"model": state.params, "optimizer": tree.flatten(state.opt_state)},
+                            self.rank, self.world_size)
+        mine = {f for tensors in part.values() for v in tensors.values() for f, *_ in v["parts"]}
+        entries = {f: checkpoint.file_entry(os.path.join(staging, f)) for f in mine}
+        every = [None] * self.world_size
+        dist.all_gather_object(every, (part, entries))   # small: names, row ranges, checksums
+        path = None
+        if self.is_main:
+            with open(os.path.join(staging, shards.INDEX), "w") as f:
+                json.dump(shards.merge([p for p, _ in every]), f, indent=1)
+            files = {n: (lambda dst, src=os.path.join(staging, n): os.replace(src, dst)) for n in os.listdir(staging)}
+            path = checkpoint.save(state, run_dir, keep=keep, extra=extra, write_tensors=False, files=files,
+                                   known={k: v for _, e in every for k, v in e.items()})
+            shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
         return path
 
-    def restore(self, state, paths):
-        """Every rank reads the whole tensors and keeps its own shard of each (any saved world size, any engine)."""
-        quiet = (lambda *a, **k: None)   # noqa: E731
-        new, meta, path = checkpoint.restore(state, paths, log=print if self.is_main else quiet,
-                                             resume=self.cfg.resume)
-        if path is None:
-            return state, None, None
+    def _load(self, state, ckpt):
+        """Each rank reads just its rows of every tensor (a sharded checkpoint of any world size, or the eager
+        layout), after verifying the files it reads."""
+        reader = shards.Reader(ckpt)
+        trees = {"model": state.params, "optimizer": tree.flatten(state.opt_state)}
+        for kind, like in trees.items():
+            names = set(reader.names(kind))
+            if names != set(like):
+                name = sorted(names ^ set(like))[0]
+                raise checkpoint.IncompatibleCheckpoint(f"{ckpt}: {kind} tensor {name!r} is "
+                                                        f"{'missing' if name in like else 'not in this model'}")
+            for k, t in like.items():
+                if reader.shape(kind, k) != tuple(t.shape):
+                    raise checkpoint.IncompatibleCheckpoint(
+                        f"{ckpt}: {kind} tensor {k!r} has shape {reader.shape(kind, k)}, the model expects "
+                        f"{tuple(t.shape)}")
+        need = {f for kind, like in trees.items()
+                for f in reader.files(kind, like, lambda k, like=like: shards.local_rows(like[k]))}
+        checkpoint.verify(ckpt, only=need | {"state.json", shards.INDEX})
+        meta = checkpoint.read_meta(ckpt, state)
         with torch.no_grad():
-            for mine, loaded in ((state.params, new.params),
-                                 (tree.flatten(state.opt_state), tree.flatten(new.opt_state))):
-                for k, t in mine.items():
-                    src = loaded[k].to(t.device, t.dtype)
-                    if isinstance(t, DTensor):   # each rank has the whole tensor: no communication
-                        src = distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local()
-                        t = t.to_local()
-                    t.copy_(src)
-        return new.replace(params=state.params, opt_state=state.opt_state), meta, path
+            for kind, like in trees.items():
+                for k, t in like.items():
+                    local = t.to_local() if isinstance(t, DTensor) else t
+                    local.copy_(reader.read(kind, k, *shards.local_rows(t)) if t.dim() else reader.read(kind, k))
+        return state.with_meta(meta), meta
+
+    def restore(self, state, paths):
+        """The newest checkpoint among `paths` that every rank finds complete (each checks what it reads; a
+        damaged one is named in one warning line and skipped); a complete one of another model is an error."""
+        for p in paths:
+            error = incompatible = None
+            try:
+                new, meta = self._load(state, p)
+            except checkpoint.IncompatibleCheckpoint as e:
+                incompatible = str(checkpoint.incompatible(e, self.cfg.resume))
+            except checkpoint.CheckpointError as e:
+                error = str(e)
+            every = [None] * self.world_size
+            dist.all_gather_object(every, (error, incompatible))
+            bad = next((i for _, i in every if i), None)
+            if bad:
+                raise checkpoint.IncompatibleCheckpoint(bad)
+            damaged = next((e for e, _ in every if e), None)
+            if damaged is None:
+                return new, meta, p
+            if self.is_main:
+                print(f"warning: skipping checkpoint: {damaged}", file=sys.stderr)
+        if paths:   # never silently start over (and later prune) a run whose checkpoints all fail to load
+            raise checkpoint.none_complete(paths, self.cfg.resume)
+        return state, None, None
 
     def close(self, clean: bool = True):
         if not dist.is_initialized():
