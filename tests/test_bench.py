@@ -190,3 +190,41 @@ def test_cuda_graphs_and_chunked_loss_compiled_equal_eager(batch):
 def test_switches_are_eager_engine_only():
     with pytest.raises(ConfigError, match="ce_chunk=64: only used with engine='eager'"):
         from_dict(LMConfig, {"data_dir": "x", "engine": "ddp", "ce_chunk": 64})
+
+
+# -- th.py bench --suite=gpu: at toy size on a CPU ------------------------------------------------------
+def test_gpu_suite_runs_every_case_in_its_own_process_at_toy_size(tmp_path):
+    from thcore.bench import SUITE
+    out = tmp_path / "suite"
+    p = th("bench", "--suite=gpu", "--json", "--device=cpu", f"--out_dir={out}", timeout=900)
+    res = json.loads(p.stdout)   # stdout is exactly one JSON object
+    assert json.loads((out / "suite.json").read_text())["cases"] == res["cases"]   # and the file says the same
+    cases = {c["case"]: c for c in res["cases"]}
+    assert list(cases) == [name for name, _, _ in SUITE] and res["toy"]
+    assert all("error" not in c for c in cases.values()), {k: c.get("error") for k, c in cases.items()}
+    assert len({c["pid"] for c in cases.values()}) == len(cases) != os.getpid()   # one process per case
+    for name, flags, _ in SUITE:
+        c = cases[name]
+        assert c["tokens_per_s"] > 0 and c["ms_per_step"] > 0 and c["host_peak_rss_gb"] > 0
+        assert (c["engine"], c["zero_stage"], c["offload"], c["loop"]) == (
+            flags.get("engine", "eager"), flags.get("zero_stage", 0), flags.get("offload", "none"),
+            flags.get("loop", False))
+        assert c["n_layer"] == 1 and c["batch_size"] == 2   # toy size
+    ref = cases["gpt2-124m compiled vs module"]
+    assert ref["ratio"] == ref["against"]["module"]["ratio"]
+    loop = cases["gpt2-124m fit loop"]
+    assert loop["ratio"] == pytest.approx(loop["tokens_per_s"] / ref["tokens_per_s"])
+    assert res["tests"]["summary"] == "not run: no GPU"
+    assert "USDT" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_flags_are_one_config_class():
+    from thcore.bench import BenchConfig, main
+    import attrs
+    assert all(f.metadata.get("help") for f in attrs.fields(BenchConfig))
+    with pytest.raises(ConfigError, match=r"unknown config field 'zero_stag' \(did you mean 'zero_stage'\?\)"):
+        main(zero_stag=2)
+    with pytest.raises(ConfigError, match="zero_stage=2, offload='none': only with engine='deepspeed'"):
+        main(zero_stage=2)
+    with pytest.raises(ConfigError, match="offload='disk': must be one of"):
+        main(engine="deepspeed", offload="disk")

@@ -16,10 +16,13 @@ most a step allocates above what was allocated when it started (several runners 
 process-wide peak would say nothing about one of them); read from the CUDA allocator, or on CPU from the
 profiler's allocator trace of one extra step.
 """
+import contextlib
 import json as jsonlib
 import os
+import resource
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from . import perf
-from .config import Config, ConfigError
+from .config import Config, ConfigError, field, from_dict
 from .func import pick_device
 from .models import GPT, GPT_PRESETS, Transformer
 from .optim import AdamW, _groups, _impl
-from .profiler import Profiler
+from .profiler import Profiler, quiet_native_stderr
 from .state import StepOptions, init_state
 from .step import IGNORE, autocast, sdpa_backend
 
@@ -179,7 +182,8 @@ def step_peak_bytes(step, device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_native_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                       profile_memory=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
@@ -224,71 +228,169 @@ def _figures(ms, tokens, flops, peak, mem_bytes):
             "mfu": flops / (med / 1e3) / peak if flops else None, "peak_mem_gb": mem_bytes / 1e9}
 
 
-def main(model="gpt2", n_layer=0, n_head=0, n_embd=0, vocab_size=50304, batch_size=12, seq_len=1024,
-         precision="fp32", engine="eager", compile=False, against="", json=False, steps=10, warmup=3, rounds=3,
-         ce_chunk=0, sdpa_backend="auto", cuda_graphs=False, optimizer_impl="auto", activation_checkpointing=False,
-         device="auto", threads=0, clock="wall", profile=False, profile_steps=10, out_dir="runs/bench", lr=3e-4,
-         weight_decay=0.1):
-    """Time our step and the `against` peers (comma-separated: module, hf, eager); print a table, or with
-    --json one JSON object. --clock=cpu times CPU steps in process CPU time (a shared machine, --threads=1)."""
-    if threads:
-        torch.set_num_threads(int(threads))
-    peers = [p for p in (against.split(",") if isinstance(against, str) else against) if p]
-    bad = [p for p in peers if p not in PEERS]
-    if bad:
-        raise ConfigError(f"against={bad[0]!r}: peers are {', '.join(PEERS)}")
-    if "eager" in peers and engine != "eager":
-        raise ConfigError("against=eager: our uncompiled step as a peer needs engine='eager'")
-    if "hf" in peers and model == "transformer":
-        raise ConfigError("against=hf: GPT2LMHeadModel is a GPT; use --model=gpt2 (or a GPT preset)")
-    if cuda_graphs and engine != "eager":
-        raise ConfigError(f"cuda_graphs=True: only with engine='eager', not engine={engine!r}")
-    dev = pick_device(device)
-    if clock not in CLOCKS or (clock == "cpu" and dev.type == "cuda"):
-        raise ConfigError(f"clock={clock!r}: 'wall', or 'cpu' (process CPU time, on a CPU device)")
-    tick = CLOCKS[clock]
-    cfg = Config(name="bench", engine=engine, device=dev.type, precision=precision, compile=bool(compile),
-                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, clip_grad=1.0, ce_chunk=ce_chunk,
-                 sdpa_backend=sdpa_backend, cuda_graphs=bool(cuda_graphs), optimizer_impl=optimizer_impl)
-    opts = StepOptions(precision=precision, clip_grad=1.0, compile=bool(compile), ce_chunk=ce_chunk,
-                       sdpa_backend=sdpa_backend, cuda_graphs=bool(cuda_graphs))
-    args = model_args(model, n_layer, n_head, n_embd, vocab_size, seq_len, activation_checkpointing)
-    build = (lambda: Transformer(**args)) if model == "transformer" else (lambda: GPT(**args))  # noqa: E731
-    batch = make_batch(model, batch_size, seq_len, vocab_size, dev)
-    tokens = batch_size * seq_len   # per step (a Transformer step: target tokens)
+def _choice(*allowed):
+    def check(inst, attr, value):
+        if value not in allowed:
+            raise ConfigError(f"{attr.name}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+    return check
+
+
+def _at_least(n):
+    def check(inst, attr, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < n:
+            raise ConfigError(f"{attr.name}={value!r}: must be a number >= {n}")
+    return check
+
+
+@attrs.define(kw_only=True)
+class BenchConfig:
+    """The flags of `th.py bench`: what `th.py bench --help` lists and `main` validates."""
+    model: str = field("gpt2", "a GPT preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or transformer (enc-dec)",
+                       "model", _choice(*GPT_PRESETS, "transformer"))
+    n_layer: int = field(0, "layers (0 = the preset's; transformer: 6)", "model", _at_least(0))
+    n_head: int = field(0, "attention heads (0 = the preset's; transformer: 8)", "model", _at_least(0))
+    n_embd: int = field(0, "model width (0 = the preset's; transformer: 512)", "model", _at_least(0))
+    vocab_size: int = field(50304, "vocabulary (50304: GPT-2's 50257 padded to a multiple of 64)", "model",
+                            _at_least(2))
+    activation_checkpointing: bool = field(False, "recompute each block in the backward", "model")
+    batch_size: int = field(12, "sequences per step", "data", _at_least(1))
+    seq_len: int = field(1024, "tokens per sequence", "data", _at_least(1))
+    lr: float = field(3e-4, "AdamW learning rate (betas 0.9, 0.95)", "optimisation", _at_least(0))
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices", "optimisation", _at_least(0))
+    optimizer_impl: str = field("auto", "AdamW kernel: auto (fused on CUDA) | fused | foreach | for_loop",
+                                "optimisation", _choice("auto", "fused", "foreach", "for_loop"))
+    precision: str = field("fp32", "fp32 (TF32 matmuls on a GPU) | bf16 | fp16", "precision/speed",
+                           _choice("fp32", "bf16", "fp16"))
+    compile: bool = field(False, "torch.compile the step (peers too)", "precision/speed")
+    ce_chunk: int = field(0, "> 0: output layer + loss fused, this many tokens at a time", "precision/speed",
+                          _at_least(0))
+    sdpa_backend: str = field("auto", "attention kernel tried first: auto | flash | efficient | cudnn | math",
+                              "precision/speed", _choice("auto", "flash", "efficient", "cudnn", "math"))
+    cuda_graphs: bool = field(False, "compile with CUDA graphs (engine=eager)", "precision/speed")
+    device: str = field("auto", "auto | cpu | cuda", "engine/distribution", _choice("auto", "cpu", "cuda"))
+    threads: int = field(0, "CPU threads (0 = torch's default)", "engine/distribution", _at_least(0))
+    engine: str = field("eager", "eager | ddp | deepspeed (one process: a real reducer / DeepSpeed engine)",
+                        "engine/distribution", _choice("eager", "ddp", "deepspeed"))
+    zero_stage: int = field(0, "DeepSpeed ZeRO stage 0-3 (engine=deepspeed)", "engine/distribution",
+                            _choice(0, 1, 2, 3))
+    offload: str = field("none", "DeepSpeed offload: none | cpu | nvme (engine=deepspeed)", "engine/distribution",
+                         _choice("none", "cpu", "nvme"))
+    against: str = field("", "peers, comma-separated: module (the nn.Module + torch.optim loop), hf "
+                             "(GPT2LMHeadModel), eager (our step uncompiled)", "logging/eval")
+    loop: bool = field(False, "time the real fit loop (data, accounting, logging) instead of the step alone",
+                       "logging/eval")
+    suite: str = field("", "gpu: every GPU figure, each case in its own process (toy sizes without a GPU)",
+                       "logging/eval", _choice("", "gpu"))
+    steps: int = field(10, "timed steps per round", "logging/eval", _at_least(1))
+    warmup: int = field(3, "untimed steps first (compilation, allocator)", "logging/eval", _at_least(0))
+    rounds: int = field(3, "rounds; the runners take turns each round", "logging/eval", _at_least(1))
+    clock: str = field("wall", "wall, or cpu (process CPU time, on a CPU device)", "logging/eval",
+                       _choice("wall", "cpu"))
+    json: bool = field(False, "print one JSON object instead of the table", "logging/eval")
+    profile: bool = field(False, "torch.profiler trace + summary of our step under out_dir/profile",
+                          "logging/eval")
+    profile_steps: int = field(10, "steps the profiler records", "logging/eval", _at_least(1))
+    out_dir: str = field("runs/bench", "where profiles, loop runs and the suite's JSON go", "logging/eval")
+
+    def validate(self):
+        peers = self.peers
+        bad = [p for p in peers if p not in PEERS]
+        if bad:
+            raise ConfigError(f"against={bad[0]!r}: peers are {', '.join(PEERS)}")
+        if "eager" in peers and self.engine != "eager":
+            raise ConfigError("against=eager: our uncompiled step as a peer needs engine='eager'")
+        if "hf" in peers and self.model == "transformer":
+            raise ConfigError("against=hf: GPT2LMHeadModel is a GPT; use --model=gpt2 (or a GPT preset)")
+        if self.cuda_graphs and self.engine != "eager":
+            raise ConfigError(f"cuda_graphs=True: only with engine='eager', not engine={self.engine!r}")
+        if self.engine != "deepspeed" and (self.zero_stage or self.offload != "none"):
+            raise ConfigError(f"zero_stage={self.zero_stage}, offload={self.offload!r}: only with engine='deepspeed'")
+        if self.loop and peers:
+            raise ConfigError("loop=True: times our fit loop alone; drop --against")
+
+    @property
+    def peers(self) -> list:
+        return [p for p in self.against.split(",") if p]
+
+
+def main(**kwargs):
+    """Time our step and the `against` peers; print a table, or with --json one JSON object. Every flag is a
+    BenchConfig field: an unknown or bad one is a ConfigError naming it."""
+    if isinstance(kwargs.get("against"), (list, tuple)):   # fire reads --against=module,hf as a tuple
+        kwargs["against"] = ",".join(map(str, kwargs["against"]))
+    cfg = from_dict(BenchConfig, kwargs)
+    cfg.validate()
+    if cfg.suite:
+        return run_suite(cfg)
+    return bench(cfg)
+
+
+def _run_config(b: BenchConfig, dev, **kw) -> Config:
+    """The run config our engines read, with the bench's optimizer (AdamW 0.9/0.95, eps 1e-8)."""
+    return Config(name="bench", engine=b.engine, device=dev.type, precision=b.precision, compile=b.compile,
+                  batch_size=b.batch_size, lr=b.lr, weight_decay=b.weight_decay, clip_grad=1.0, beta2=0.95,
+                  eps=1e-8, ce_chunk=b.ce_chunk, sdpa_backend=b.sdpa_backend, cuda_graphs=b.cuda_graphs,
+                  optimizer_impl=b.optimizer_impl, zero_stage=b.zero_stage, offload=b.offload,
+                  activation_checkpointing=b.activation_checkpointing, **kw)
+
+
+def bench(b: BenchConfig) -> dict:
+    if b.threads:
+        torch.set_num_threads(int(b.threads))
+    peers = b.peers
+    dev = pick_device(b.device)
+    if b.clock == "cpu" and dev.type == "cuda":
+        raise ConfigError(f"clock={b.clock!r}: 'wall', or 'cpu' (process CPU time, on a CPU device)")
+    tick = CLOCKS[b.clock]
+    cfg = _run_config(b, dev)
+    opts = StepOptions(precision=b.precision, clip_grad=1.0, compile=b.compile, ce_chunk=b.ce_chunk,
+                       sdpa_backend=b.sdpa_backend, cuda_graphs=b.cuda_graphs)
+    args = model_args(b.model, b.n_layer, b.n_head, b.n_embd, b.vocab_size, b.seq_len, b.activation_checkpointing)
+    build = (lambda: Transformer(**args)) if b.model == "transformer" else (lambda: GPT(**args))  # noqa: E731
+    batch = make_batch(b.model, b.batch_size, b.seq_len, b.vocab_size, dev)
+    tokens = b.batch_size * b.seq_len   # per step (a Transformer step: target tokens)
     with torch.device("meta"):   # shapes only: no memory for a second copy of a large model
         flops = perf.step_flops(build(), batch)
-    peak, peak_src = perf.peak_flops(str(dev), precision, clock=tick)
+    if b.engine == "eager" or dev.type == "cuda":
+        from .engines import use_tf32
+        use_tf32(dev)   # what our engines do on a GPU; the peers in this process run with it too
+    peak, peak_src = perf.peak_flops(str(dev), b.precision, clock=tick)
+    if b.loop:
+        ms = loop_times(b, cfg, build, batch)
+        res = _result(b, dev, args, tokens, flops, peak, peak_src)
+        res.update(_figures(ms, tokens, flops, peak, 0), loop=True, against={})
+        res["peak_mem_gb"] = None
+        return _report(b, res, dev)
 
-    ours_step, ours_tensors, eng = ours_runner(build, batch, opts, cfg, lr, weight_decay, optimizer_impl)
+    ours_step, ours_tensors, eng = ours_runner(build, batch, opts, cfg, b.lr, b.weight_decay, b.optimizer_impl)
     runners = {"ours": (ours_step, ours_tensors)}
     for p in peers:
         if p == "module":
-            runners[p] = module_runner(build, batch, opts, optimizer_impl, dev, lr, weight_decay)
+            runners[p] = module_runner(build, batch, opts, b.optimizer_impl, dev, b.lr, b.weight_decay)
         elif p == "eager":   # our own step uncompiled: compile's gain, measured alongside
             plain = attrs.evolve(cfg, compile=False, cuda_graphs=False)
             fn, tensors, _ = ours_runner(build, batch, attrs.evolve(opts, compile=False, cuda_graphs=False), plain,
-                                         lr, weight_decay, optimizer_impl)
+                                         b.lr, b.weight_decay, b.optimizer_impl)
             runners[p] = fn, tensors
         else:
-            runners[p] = hf_runner(args, batch, opts, optimizer_impl, dev, lr, weight_decay)
+            runners[p] = hf_runner(args, batch, opts, b.optimizer_impl, dev, b.lr, b.weight_decay)
     try:
         timer = Timer(dev, tick)
         for name, (fn, _) in runners.items():
-            timer.time(fn, warmup)
+            timer.time(fn, b.warmup)
         ms = {name: [] for name in runners}
         per_round = {name: [] for name in runners}
-        for _ in range(rounds):
+        for _ in range(b.rounds):
             for name, (fn, _) in runners.items():
-                t = timer.time(fn, steps)
+                t = timer.time(fn, b.steps)
                 ms[name] += t
                 per_round[name].append(statistics.median(t))
         mem = {name: step_peak_bytes(fn, dev) + _nbytes(tensors()) for name, (fn, tensors) in runners.items()}
         summary = None
-        if profile:
+        if b.profile:
             say = lambda s: print(s, file=sys.stderr)  # noqa: E731   (stdout may be the JSON object)
-            with Profiler(os.path.join(out_dir, "profile"), profile_steps, skip=0, log=say) as prof:
-                for _ in range(profile_steps + 1):
+            with Profiler(os.path.join(b.out_dir, "profile"), b.profile_steps, skip=0, log=say) as prof:
+                for _ in range(b.profile_steps + 1):
                     ours_step()
                     prof.step()
             summary = prof.summary
@@ -296,26 +398,225 @@ def main(model="gpt2", n_layer=0, n_head=0, n_embd=0, vocab_size=50304, batch_si
         if hasattr(eng, "close"):
             eng.close()
 
-    res = {"model": model, "engine": engine, "device": dev.type, "clock": clock, "precision": precision,
-           "compile": bool(compile), "batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tokens, "flops_per_step": flops,
-           "peak_flops": peak, "peak_flops_source": peak_src, "threads": torch.get_num_threads(),
-           "switches": {"ce_chunk": ce_chunk, "sdpa_backend": sdpa_backend, "cuda_graphs": bool(cuda_graphs),
-                        "optimizer_impl": optimizer_impl, "activation_checkpointing": bool(activation_checkpointing)},
-           "steps": steps, "rounds": rounds, **{k: v for k, v in args.items() if k in (
-               "n_layer", "n_head", "n_embd", "vocab_size", "num_encoder_layers", "d_model", "num_heads")},
-           **_figures(ms["ours"], tokens, flops, peak, mem["ours"]), "against": {}}
+    res = _result(b, dev, args, tokens, flops, peak, peak_src)
+    res.update(_figures(ms["ours"], tokens, flops, peak, mem["ours"]), against={})
     for p in peers:
         fig = _figures(ms[p], tokens, flops, peak, mem[p])
-        rr = [b / a for a, b in zip(per_round["ours"], per_round[p])]
+        rr = [y / x for x, y in zip(per_round["ours"], per_round[p])]
         res["against"][p] = {**fig, "ratio": fig["ms_per_step"] / res["ms_per_step"],
                              "ratio_rounds": [min(rr), max(rr)]}
     if summary is not None:
-        res["profile"] = os.path.join(out_dir, "profile")
-    if json:
+        res["profile"] = os.path.join(b.out_dir, "profile")
+    return _report(b, res, dev)
+
+
+def _result(b, dev, args, tokens, flops, peak, peak_src) -> dict:
+    return {"model": b.model, "engine": b.engine, "zero_stage": b.zero_stage, "offload": b.offload,
+            "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "clock": b.clock, "precision": b.precision, "compile": b.compile, "batch_size": b.batch_size,
+            "seq_len": b.seq_len, "tokens_per_step": tokens, "flops_per_step": flops, "peak_flops": peak,
+            "peak_flops_source": peak_src, "threads": torch.get_num_threads(),
+            "switches": {"ce_chunk": b.ce_chunk, "sdpa_backend": b.sdpa_backend, "cuda_graphs": b.cuda_graphs,
+                         "optimizer_impl": b.optimizer_impl, "activation_checkpointing": b.activation_checkpointing},
+            "steps": b.steps, "rounds": b.rounds, "loop": False,
+            **{k: v for k, v in args.items() if k in ("n_layer", "n_head", "n_embd", "vocab_size",
+                                                      "num_encoder_layers", "d_model", "num_heads")}}
+
+
+def _report(b, res, dev) -> dict:
+    # the process-wide peaks: one bench per process (the suite) makes them this configuration's own
+    res["process_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
+    res["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux: KiB
+    res["pid"] = os.getpid()
+    if b.json:
         print(jsonlib.dumps(res))
     else:
         print(format_table(res))
     return res
+
+
+# -- --loop: the fit loop itself ------------------------------------------------------------------------
+
+class _SyntheticTask:
+    """The smallest task the fit loop runs: the bench's model and one fixed batch, no evaluation."""
+
+    def __init__(self, build, batch, cfg):
+        self.build, self.batch, self.cfg = build, batch, cfg
+        self.summary = "bench: one synthetic batch, repeated"
+
+    def batches_per_epoch(self, world: int) -> int:
+        return 1_000_000
+
+    def init_state(self, total_steps: int):
+        return init_state(self.build, AdamW(beta2=0.95, eps=1e-8, weight_decay=self.cfg.weight_decay,
+                                            impl=self.cfg.optimizer_impl),
+                          seed=0, lr=self.cfg.lr, options=StepOptions(
+                              precision=self.cfg.precision, clip_grad=1.0, compile=self.cfg.compile,
+                              ce_chunk=self.cfg.ce_chunk, sdpa_backend=self.cfg.sdpa_backend,
+                              cuda_graphs=self.cfg.cuda_graphs))
+
+    def train_loader(self, epoch, start, engine):
+        cpu = {k: v.cpu() for k, v in self.batch.items()}   # from the host, as a real loader's batches
+        while True:
+            yield cpu
+
+    def evaluate(self, state, engine, split):
+        return {}
+
+    def save_assets(self, run_dir):
+        pass
+
+
+def loop_times(b: BenchConfig, cfg, build, batch) -> list:
+    """ms per step of `fit` (the loop th.py run runs) over rounds x steps steps after one window of warm-up,
+    from its own log lines (log_every = steps: each line times `steps` steps, eval and checkpoints apart)."""
+    from .engines import make_engine
+    from .loop import fit
+    from .metrics import read_jsonl
+    if b.engine != "eager":
+        _single_process_env()
+    with tempfile.TemporaryDirectory() as d:
+        run = attrs.evolve(cfg, name="bench-loop", out_dir=d, resume="never", lr_schedule="constant",
+                           max_steps=b.steps * (b.rounds + 1), log_every=b.steps, eval_every=0, checkpoint_every=0)
+        engine = make_engine(run)
+        try:   # the loop's own lines go to stderr: stdout may be the JSON object
+            with contextlib.redirect_stdout(sys.stderr):
+                fit(run, _SyntheticTask(build, batch, run), engine, log=lambda *a, **k: None)
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()
+        rows = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if r["split"] == "train"]
+    tokens = b.batch_size * b.seq_len
+    return [tokens / r["tokens_per_s"] * 1e3 for r in rows[1:]]   # the first window warms up
+
+
+# -- --suite=gpu: every GPU figure of the project, each case in its own process ----------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_GPT2 = dict(model="gpt2", batch_size=12, seq_len=1024, precision="bf16")
+_XL = dict(model="gpt2-xl", batch_size=8, seq_len=1024, precision="bf16")
+# ~6.4B parameters (12 L d^2): 32 layers 4096 wide, the size the ZeRO-3 + offload goal names
+_6B = dict(model="gpt2", n_layer=32, n_head=32, n_embd=4096, batch_size=1, seq_len=1024, precision="bf16")
+# (name, flags on a GPU, goal: (kind, value, baseline case)); kind: ratio (over the peer or the baseline case),
+# tokens_per_s, or runs (it trains). On a CPU every case runs at toy size (TOY) uncompiled.
+SUITE = [
+    ("gpt2-124m compiled vs module", {**_GPT2, "compile": True, "against": "module"}, ("ratio", 1.25, None)),
+    ("gpt2-124m fit loop", {**_GPT2, "compile": True, "loop": True}, ("ratio", 0.98, "gpt2-124m compiled vs module")),
+    ("gpt2-124m ddp, 1 GPU", {**_GPT2, "compile": True, "engine": "ddp"},
+     ("ratio", 0.98, "gpt2-124m compiled vs module")),
+    ("gpt2-xl eager", {**_XL}, ("tokens_per_s", 45_000, None)),
+    ("gpt2-xl zero-2, 1 GPU", {**_XL, "engine": "deepspeed", "zero_stage": 2}, ("ratio", 0.95, "gpt2-xl eager")),
+    ("6.4B zero-3 + cpu offload + ckpt", {**_6B, "engine": "deepspeed", "zero_stage": 3, "offload": "cpu",
+                                          "activation_checkpointing": True, "steps": 2, "rounds": 1, "warmup": 1},
+     ("runs", None, None)),
+]
+TOY = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=128, batch_size=2, seq_len=32, precision="fp32",
+           compile=False, steps=2, rounds=1, warmup=1, threads=1)
+SUITE_TIMEOUT_S = 600   # per case
+
+
+def _suite_flags(b: BenchConfig, flags: dict, gpu: bool) -> dict:
+    flags = {"steps": b.steps, "rounds": b.rounds, "warmup": b.warmup, **flags}
+    if not gpu:
+        flags = {**flags, **TOY, "model": "gpt2", "device": "cpu"}
+    return flags
+
+
+def _case(name: str, flags: dict, out_dir: str) -> dict:
+    """One `th.py bench ... --json` in a process of its own: nothing of another case stays resident."""
+    cmd = [sys.executable, os.path.join(ROOT, "th.py"), "bench", *(f"--{k}={v}" for k, v in flags.items()), "--json",
+           f"--out_dir={os.path.join(out_dir, name.replace(' ', '_').replace(',', ''))}"]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=SUITE_TIMEOUT_S, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"case": name, "flags": flags, "error": f"timed out after {SUITE_TIMEOUT_S} s"}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        why = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+        return {"case": name, "flags": flags, "error": why[:300], "wall_s": wall}
+    return {"case": name, "flags": flags, "wall_s": wall, **jsonlib.loads(lines[-1])}
+
+
+def _gpu_tests(out_dir: str) -> dict:
+    """The `gpu`-marked tests, in a process of their own."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                        os.path.join(ROOT, "tests")], capture_output=True, text=True, timeout=SUITE_TIMEOUT_S,
+                       cwd=ROOT)
+    last = (p.stdout.strip().splitlines() or ["no output"])[-1]
+    return {"case": "gpu-marked tests", "summary": last, "returncode": p.returncode,
+            "wall_s": time.perf_counter() - t0}
+
+
+def _verdict(case: dict, by_name: dict):
+    kind, goal, base = case["goal"]
+    if "error" in case:
+        return None, "failed"
+    if kind == "runs":
+        return None, "trains"
+    if kind == "tokens_per_s":
+        return None, "met" if case["tokens_per_s"] >= goal else "missed"
+    if base is None:
+        ratio = case["against"]["module"]["ratio"]
+    else:
+        ref = by_name.get(base, {})
+        if "tokens_per_s" not in ref:
+            return None, "no baseline"
+        ratio = case["tokens_per_s"] / ref["tokens_per_s"]
+    return ratio, "met" if ratio >= goal else "missed"
+
+
+def run_suite(b: BenchConfig) -> dict:
+    """Every GPU figure in one command: GPT-2 124M compiled against the compiled module loop, the fit loop and
+    DDP on one GPU against that step, GPT-2 XL eager and under ZeRO-2, a 6.4B GPT under ZeRO-3 + CPU offload +
+    activation checkpointing, and the gpu-marked tests; each in its own process. Without a GPU the same cases
+    run at toy size on the CPU (no compile), which is the suite's CI test. One table; one JSON file."""
+    dev = pick_device(b.device)
+    gpu = dev.type == "cuda"
+    os.makedirs(b.out_dir, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    t0 = time.perf_counter()
+    cases, by_name = [], {}
+    for name, flags, goal in SUITE:
+        case = {**_case(name, _suite_flags(b, flags, gpu), b.out_dir), "goal": goal}
+        case["ratio"], case["verdict"] = _verdict(case, by_name)
+        by_name[name] = case
+        cases.append(case)
+        print(f"suite: {name}: {case['verdict']} ({case.get('wall_s', 0):.0f} s)", file=sys.stderr)
+    tests = _gpu_tests(b.out_dir) if gpu else {"case": "gpu-marked tests", "summary": "not run: no GPU"}
+    res = {"suite": "gpu", "started": started, "wall_s": time.perf_counter() - t0, "toy": not gpu,
+           "device": torch.cuda.get_device_name(dev) if gpu else "cpu", "torch": torch.__version__,
+           "cases": cases, "tests": tests}
+    path = os.path.join(b.out_dir, "suite.json")
+    with open(path, "w") as f:
+        jsonlib.dump(res, f, indent=1)
+    res["json_path"] = path
+    print(jsonlib.dumps(res) if b.json else format_suite(res))
+    return res
+
+
+def format_suite(r: dict) -> str:
+    lines = [f"bench suite ({'toy sizes on CPU: no GPU' if r['toy'] else r['device']}, torch {r['torch']}, "
+             f"{r['started']}, {r['wall_s']:.0f} s)",
+             f"{'case':34s} {'tokens/s':>10s} {'ms/step':>9s} {'MFU':>7s} {'peak GB':>8s} {'ratio':>7s} "
+             f"{'goal':>12s}  verdict"]
+    for c in r["cases"]:
+        kind, goal, base = c["goal"]
+        want = {"ratio": f">= {goal}x", "tokens_per_s": f">= {goal or 0:,}", "runs": "trains"}[kind]
+        if "error" in c:
+            lines.append(f"{c['case']:34s} {'-':>10s} {'-':>9s} {'-':>7s} {'-':>8s} {'-':>7s} {want:>12s}  "
+                         f"failed: {c['error']}")
+            continue
+        mfu = f"{c['mfu']:.1%}" if c.get("mfu") is not None else "-"
+        peak = c.get("process_peak_gb") if c.get("process_peak_gb") is not None else c.get("host_peak_rss_gb")
+        ratio = f"{c['ratio']:.3f}" if c.get("ratio") is not None else "-"
+        lines.append(f"{c['case']:34s} {c['tokens_per_s']:10.0f} {c['ms_per_step']:9.2f} {mfu:>7s} "
+                     f"{peak:8.2f} {ratio:>7s} {want:>12s}  {c['verdict']}")
+    lines.append(f"gpu-marked tests: {r['tests']['summary']}")
+    lines.append(f"(peak GB: CUDA allocator peak of the case's process; on CPU its peak RSS) json: {r.get('json_path')}")
+    return "\n".join(lines)
 
 
 def format_table(r: dict) -> str:
@@ -323,16 +624,18 @@ def format_table(r: dict) -> str:
              f"vocab {r.get('vocab_size', '')}")
     sw = ", ".join(f"{k}={v}" for k, v in r["switches"].items())
     lines = [f"{r['model']} ({shape}) batch {r['batch_size']}x{r['seq_len']} | {r['precision']} | engine "
-             f"{r['engine']} | compile={r['compile']} | {r['device']} x{r['threads']} threads | {r['clock']} clock",
+             f"{r['engine']}{' ZeRO-%d' % r['zero_stage'] if r['engine'] == 'deepspeed' else ''}"
+             f"{' offload ' + r['offload'] if r.get('offload', 'none') != 'none' else ''} | compile={r['compile']} | {r['device']} x{r['threads']} threads | {r['clock']} clock",
              f"switches: {sw}",
              f"FLOPs/step {r['flops_per_step'] / 1e9:.3g} G | peak {r['peak_flops'] / 1e12:.3g} TFLOP/s "
              f"({r['peak_flops_source']})",
              f"{'':8s} {'ms/step':>9s} {'min':>9s} {'max':>9s} {'tokens/s':>10s} {'MFU':>7s} {'peak GB':>8s} "
              f"{'ours/them':>10s}"]
-    rows = [("ours", r)] + list(r["against"].items())
+    rows = [("loop" if r.get("loop") else "ours", r)] + list(r["against"].items())
     for name, f in rows:
         mfu = f"{f['mfu']:.1%}" if f["mfu"] is not None else "-"
         ratio = f"{f['ratio']:.3f}x" if "ratio" in f else ""
+        mem = f"{f['peak_mem_gb']:8.3f}" if f.get("peak_mem_gb") is not None else f"{'-':>8s}"
         lines.append(f"{name:8s} {f['ms_per_step']:9.2f} {f['ms_min']:9.2f} {f['ms_max']:9.2f} "
-                     f"{f['tokens_per_s']:10.0f} {mfu:>7s} {f['peak_mem_gb']:8.3f} {ratio:>10s}")
+                     f"{f['tokens_per_s']:10.0f} {mfu:>7s} {mem} {ratio:>10s}")
     return "\n".join(lines)

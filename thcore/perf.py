@@ -23,7 +23,9 @@ import time
 import torch
 
 # (bf16/fp16, tf32, fp32) dense TFLOP/s from the vendors' datasheets
-_PEAKS = {"H100": (989.0, 494.5, 66.9), "H200": (989.0, 494.5, 66.9), "A100": (312.0, 156.0, 19.5)}
+# (first match wins: the PCIe and NVL H100s are slower parts than the SXM one the bare name means)
+_PEAKS = {"H100 PCIe": (756.0, 378.0, 51.2), "H100 NVL": (835.0, 417.5, 60.0), "H100": (989.0, 494.5, 66.9),
+          "H200": (989.0, 494.5, 66.9), "A100": (312.0, 156.0, 19.5)}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -99,7 +101,9 @@ def peak_flops(device: str, precision: str = "fp32", clock=time.perf_counter) ->
                 tf = torch.backends.cuda.matmul.fp32_precision == "tf32"   # engines turn it on (use_tf32)
                 return (tf32 if tf else fp32) * 1e12, f"{key} datasheet ({'tf32' if tf else 'fp32'})"
     dtype = _DTYPES[precision]
-    return measured_matmul_flops(device, dtype, clock=clock), f"measured {dtype} matmul on {device.type}"
+    # an unknown GPU: a matmul large enough that launch latency does not count (1024^3 is mostly latency there)
+    n = 8192 if device.type == "cuda" else 1024
+    return measured_matmul_flops(device, dtype, n=n, clock=clock), f"measured {dtype} matmul on {device.type}"
 
 
 def sync(device):

@@ -13,10 +13,12 @@ gloo / c10d collectives as communication and ops enclosing one left out of compu
 loop waited for the data loader (`data_wait` ranges); and the peak of the allocator's total (CPU and CUDA), which
 shows what activation checkpointing saves.
 """
+import contextlib
 import json
 import os
 import re
 import shutil
+import sys
 from collections import defaultdict
 
 import torch
@@ -30,6 +32,22 @@ DATA_WAIT = "data_wait"
 def data_wait():
     """The range the loop spends getting the next batch (the summary's data-loader wait)."""
     return record_function(DATA_WAIT)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Kineto (torch.profiler's C++ side) prints `USDT: ... profiler_start/stop` lines on the process's stderr
+    whatever its log level; they are not ours to show. File descriptor 2 goes to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Profiler:
@@ -46,16 +64,21 @@ class Profiler:
 
     def __enter__(self):
         if self.enabled:
-            self.prof.start()
+            with quiet_native_stderr():
+                self.prof.start()
         return self
 
     def step(self):
         if self.enabled and self.summary is None:
-            self.prof.step()
+            with quiet_native_stderr():   # the schedule starts and stops kineto inside step()
+                self.prof.step()
+            self._say_summary()
 
     def __exit__(self, *exc):
         if self.enabled:
-            self.prof.stop()   # a run shorter than the window: whatever was recorded is written now
+            with quiet_native_stderr():
+                self.prof.stop()   # a run shorter than the window: whatever was recorded is written now
+            self._say_summary()
             if self.summary is None and exc[0] is None:
                 self.log("profile: the run ended before any step was recorded (more steps, or profile_steps)")
 
@@ -70,7 +93,12 @@ class Profiler:
         self.summary = summarize(trace, prof)
         with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
             json.dump(self.summary, f, indent=1)
-        self.log(format_summary(self.summary, self.out_dir))
+        self._pending = format_summary(self.summary, self.out_dir)   # said once stderr is back
+
+    def _say_summary(self):
+        if getattr(self, "_pending", None):
+            text, self._pending = self._pending, None
+            self.log(text)
 
 
 def _union(intervals):
