@@ -156,3 +156,26 @@ def test_hybrid_sharding_on_four_ranks_then_two(reference, tmp_path):
     from_step_10(hybrid, resumed)
     fsdp(resumed)   # 2 ranks, 1-D mesh, from the 4-rank checkpoint to step 20
     _close(params(resumed), params(two))
+
+
+def test_commands_read_sharded_checkpoints(reference, tmp_path):
+    two, _ = reference
+    res = json.loads(th("eval", two, "--split=test", "--device=cpu").stdout)
+    logged = [r for r in map(json.loads, open(os.path.join(two, "metrics.jsonl"))) if r["split"] == "test"][-1]
+    assert res["loss"] == pytest.approx(logged["loss"], abs=1e-4)   # the run's own end-of-run score, same params
+    th("export", two, tmp_path / "x")
+    assert_close(load_file(str(tmp_path / "x" / "model.safetensors")), params(two), rtol=0, atol=0)
+
+
+def test_a_damaged_shard_is_named_and_the_previous_checkpoint_resumed(reference, tmp_path):
+    two, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(two, run)
+    shard = run / "checkpoints" / f"step_{STEPS}" / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    p = fsdp(str(run))   # resumes step 10 and trains to step 20 again
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
+    assert len(warnings) == 1 and "model-00001-of-00002.safetensors: checksum mismatch" in warnings[0]
+    assert_close(params(str(run)), params(two), rtol=0, atol=0)

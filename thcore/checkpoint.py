@@ -276,6 +276,8 @@ def _load_tensors(path: str, like: dict, what: str) -> dict:
         loaded = load_file(path)
     except Exception as e:   # SafetensorError (bad header, truncated data), OSError
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
+    if like is None:   # as saved
+        return loaded
     missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
     if missing or unexpected:
         name = sorted(missing or unexpected)[0]
@@ -316,6 +318,19 @@ def _load_sharded(ckpt: str, kind: str, like: dict, what: str) -> dict:
 def is_sharded(ckpt: str) -> bool:
     from .shards import INDEX
     return os.path.isfile(os.path.join(ckpt, INDEX))
+
+
+def has_params(ckpt: str) -> bool:
+    """Does checkpoint (or export) dir `ckpt` hold params: model.safetensors, or a sharded checkpoint's?"""
+    return os.path.isfile(os.path.join(ckpt, "model.safetensors")) or is_sharded(ckpt)
+
+
+def read_params(ckpt: str) -> dict:
+    """Every param of `ckpt`, whole, as saved (either layout)."""
+    if is_sharded(ckpt):
+        from .shards import Reader
+        return Reader(ckpt).read_all("model")
+    return _load_tensors(os.path.join(ckpt, "model.safetensors"), None, "param")
 
 
 def load_params(ckpt: str, like: dict) -> dict:

@@ -13,6 +13,8 @@ The checkpoint is the best one when evals recorded it, else the latest; `checkpo
 import os
 import shutil
 
+from safetensors.torch import save_file
+
 from . import checkpoint as checkpoint_lib
 from .config import ConfigError
 from .interop import hf_gpt2
@@ -28,7 +30,11 @@ def export_safetensors(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
         checkpoint = run_dir
     ckpt = hf_gpt2.run_checkpoint(run, checkpoint)
     weights = os.path.join(ckpt, "model.safetensors")
-    if not os.path.isfile(weights) and os.path.isfile(os.path.join(ckpt, "latest")):
+    if checkpoint_lib.is_sharded(ckpt):   # FSDP: every rank's rows, whole again
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(checkpoint_lib.read_params(ckpt), os.path.join(out_dir, "model.safetensors"),
+                  metadata={"format": "pt"})
+    elif not os.path.isfile(weights) and os.path.isfile(os.path.join(ckpt, "latest")):
         from .engines import deepspeed   # a DeepSpeed checkpoint: consolidated into an eager one
         deepspeed.require_deepspeed()
         deepspeed.export(ckpt, out_dir)

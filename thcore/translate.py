@@ -36,8 +36,8 @@ def load(run_dir: str, checkpoint: str = "", device: str = "cpu", splits=()):
         print(w, file=sys.stderr)
     # damaged checkpoints are skipped, each named in a warning; an explicit one must be complete
     ckpt = ckpt_lib.pick(run_dir, checkpoint, prefer="latest", log=print)
-    if not os.path.isfile(os.path.join(ckpt, "model.safetensors")):
-        raise ConfigError(f"checkpoint: no model.safetensors in {ckpt}")
+    if not ckpt_lib.has_params(ckpt):
+        raise ConfigError(f"checkpoint: no model.safetensors (or shards) in {ckpt}")
     dev = pick_device(device)
     state = task.init_state(1, device=dev)
     state = state.replace(params=ckpt_lib.load_params(ckpt, state.params))

@@ -152,9 +152,8 @@ def _load_gpt(path: str, checkpoint: str):
     with open(os.path.join(run_dir, MODEL_JSON)) as f:
         args = json.load(f)
     ckpt = run_checkpoint(run_dir, checkpoint)
-    weights = os.path.join(ckpt, "model.safetensors")
-    if os.path.isfile(weights):
-        return args, load_file(weights), ckpt
+    if ckpt_lib.has_params(ckpt):   # whole or sharded (FSDP) params
+        return args, ckpt_lib.read_params(ckpt), ckpt
     if os.path.isfile(os.path.join(ckpt, "latest")):   # a DeepSpeed checkpoint (its own tag dir inside)
         from ..engines import deepspeed   # only here: reading it needs DeepSpeed's zero_to_fp32
         deepspeed.require_deepspeed()
