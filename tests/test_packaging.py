@@ -92,7 +92,8 @@ def test_every_config_field_is_read_outside_config_py():
     assert not any(p.fullmatch("a_field_nobody_reads") for p in reads)   # the check can fail
 
 
-@pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".py")))
+@pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(os.path.join(ROOT, "recipes"))
+                                           if f.endswith(".py") and not f.startswith("_")))
 def test_every_field_of_every_recipe_has_help_and_a_group(recipe):
     from thcore.config import GROUPS
     from thcore.help import field_help
