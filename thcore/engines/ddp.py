@@ -65,6 +65,11 @@ def init_process_group(backend: str, timeout_s: float, device_id=None):
 def backend_and_device(device: str, local_rank: int) -> tuple[str, torch.device]:
     """The only difference between the CUDA and the CPU path: NCCL on the GPU numbered LOCAL_RANK, or gloo."""
     if pick_device(device).type == "cuda":
+        n = torch.cuda.device_count()
+        if 0 < n <= local_rank:   # e.g. 2 processes on a 1-GPU machine: rank 1 would ask for cuda:1 and crash
+            raise ConfigError(f"device={device!r}: this process has LOCAL_RANK={local_rank} but the machine shows "
+                              f"{n} GPU{'s' if n > 1 else ''}; start at most {n} process{'es' if n > 1 else ''} "
+                              f"per node (--nproc={n}), or use device='cpu'")
         return "nccl", torch.device("cuda", local_rank)
     return "gloo", torch.device("cpu")
 
