@@ -265,3 +265,16 @@ def test_two_ranks_one_prepares_the_other_waits(tmp_path):
     meta = tdata.read_meta(str(run / "prepared"))
     assert meta["splits"]["train"]["pairs"] == 600 and os.path.isfile(run / "vocab.joint.json")
     assert [r["step"] for r in read_jsonl(str(run / "metrics.jsonl")) if r["split"] == "train"] == [2, 4]
+
+
+def test_translation_prepare_bad_input_is_one_line(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "train.en").write_text("a cat\nthe dog\n")
+    (d / "train.de").write_text("eine katze\n")
+    p = th("prepare", "--task=translation", f"--data_dir={d}", f"--out={tmp_path / 'p'}", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == (f"error: train_src/train_tgt: line counts differ: {d}/train.en "
+                                                      f"has 2 lines, {d}/train.de has 1")
+    p = th("prepare", "--task=translation", f"--out={tmp_path / 'p'}", check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: data_dir='': required with --task=translation")
+    assert not (tmp_path / "p" / "meta.json").exists()
