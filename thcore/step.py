@@ -48,6 +48,18 @@ def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0, ce_chun
     return loss_sum, (targets != IGNORE).sum()
 
 
+class LossModule(torch.nn.Module):
+    """The model with loss_fn as its forward -> (sum of token losses, tokens): what the DDP and DeepSpeed engines
+    wrap (the module holds the params itself, which those engines own; nothing for functional_call to swap)."""
+
+    def __init__(self, model: torch.nn.Module, label_smoothing: float):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, batch):
+        return loss_fn(self.model, {}, {}, batch, self.label_smoothing)
+
+
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import checkpoint
 from ..config import ConfigError
 from ..func import pick_device
-from ..step import autocast, loss_fn, train_step
+from ..step import LossModule, autocast, train_step
 from . import use_tf32
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -146,9 +146,11 @@ class DDPEngine:
         # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        # gradient_as_bucket_view: .grad lives in DDP's buckets, no copy between them
+        # gradient_as_bucket_view: .grad lives in DDP's buckets, no copy between them. DDP wraps the model *with*
+        # its loss: compiled, the fp32 cast and the cross-entropy join the model's graph (no eager [B*T, vocab]
+        # fp32 log-probs between them)
         self.ddp = DistributedDataParallel(
-            state.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            LossModule(state.model, state.options.label_smoothing), device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
         self._hook_state, hook = comm_hook(self.cfg, self.backend)
         if hook is not None:
@@ -177,8 +179,7 @@ class DDPEngine:
             # accumulate locally; the reducer all-reduces once, in the last micro-batch's backward
             with self.ddp.no_sync() if i < last else contextlib.nullcontext():
                 with autocast(opts.precision, self.device):
-                    # the DDP module holds the params itself: nothing for functional_call to substitute
-                    ls, _ = loss_fn(self.forward, {}, {}, mb, opts.label_smoothing)
+                    ls, _ = self.forward(mb)   # train_step's loss_fn, inside the DDP module
                 (ls * (scale * self.world_size)).backward()
             loss_sum = loss_sum + ls.detach()
         return {k: p.grad for k, p in self.params.items()}, loss_sum

@@ -35,7 +35,7 @@ from torch import nn
 from .. import checkpoint, tree
 from ..config import ConfigError
 from ..optim import _groups
-from ..step import IGNORE, dropout_seed, loss_fn
+from ..step import IGNORE, LossModule, dropout_seed
 from . import use_tf32
 from .ddp import backend_and_device, check_torchrun_env, init_process_group
 
@@ -156,18 +156,6 @@ def make_optimizer(cfg, model: nn.Module, ds_config: dict):
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kernel)
     return opt, groups
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: the model, with train_step's loss as forward -> (sum of token losses, tokens)."""
-
-    def __init__(self, model: nn.Module, label_smoothing: float):
-        super().__init__()
-        self.model, self.label_smoothing = model, label_smoothing
-
-    def forward(self, batch):
-        # the module holds the params itself (DeepSpeed partitions and gathers them): nothing to substitute
-        return loss_fn(self.model, {}, {}, batch, self.label_smoothing)
 
 
 # -- the engine -------------------------------------------------------------------------------------------
