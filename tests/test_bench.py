@@ -214,6 +214,9 @@ def test_gpu_suite_runs_every_case_in_its_own_process_at_toy_size(tmp_path):
     assert ref["ratio"] == ref["against"]["module"]["ratio"]
     loop = cases["gpt2-124m fit loop"]
     assert loop["ratio"] == pytest.approx(loop["tokens_per_s"] / ref["tokens_per_s"])
+    ckpt = cases["gpt2-124m compiled + ckpt"]
+    assert ckpt["switches"]["activation_checkpointing"] and ckpt["ratio"] == pytest.approx(
+        ckpt["host_peak_rss_gb"] / ref["host_peak_rss_gb"])
     assert res["tests"]["summary"] == "not run: no GPU"
     assert "USDT" not in p.stderr and "Traceback" not in p.stderr
 

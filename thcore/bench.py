@@ -504,6 +504,9 @@ SUITE = [
     ("gpt2-124m fit loop", {**_GPT2, "compile": True, "loop": True}, ("ratio", 0.98, "gpt2-124m compiled vs module")),
     ("gpt2-124m ddp, 1 GPU", {**_GPT2, "compile": True, "engine": "ddp"},
      ("ratio", 0.98, "gpt2-124m compiled vs module")),
+    # does activation checkpointing save memory inside one compiled graph (recompute tags)? peak / the case above
+    ("gpt2-124m compiled + ckpt", {**_GPT2, "compile": True, "activation_checkpointing": True},
+     ("memory", 0.9, "gpt2-124m compiled vs module")),
     ("gpt2-xl eager", {**_XL}, ("tokens_per_s", 45_000, None)),
     ("gpt2-xl zero-2, 1 GPU", {**_XL, "engine": "deepspeed", "zero_stage": 2}, ("ratio", 0.95, "gpt2-xl eager")),
     ("6.4B zero-3 + cpu offload + ckpt", {**_6B, "engine": "deepspeed", "zero_stage": 3, "offload": "cpu",
@@ -558,6 +561,12 @@ def _verdict(case: dict, by_name: dict):
         return None, "trains"
     if kind == "tokens_per_s":
         return None, "met" if case["tokens_per_s"] >= goal else "missed"
+    if kind == "memory":   # the case's peak over the baseline's: < goal = it saves memory
+        ref = by_name.get(base, {})
+        peak = [c.get("process_peak_gb") or c.get("host_peak_rss_gb") for c in (case, ref)]
+        if not all(peak):
+            return None, "no baseline"
+        return peak[0] / peak[1], "met" if peak[0] / peak[1] < goal else "missed"
     if base is None:
         ratio = case["against"]["module"]["ratio"]
     else:
@@ -604,7 +613,8 @@ def format_suite(r: dict) -> str:
              f"{'goal':>12s}  verdict"]
     for c in r["cases"]:
         kind, goal, base = c["goal"]
-        want = {"ratio": f">= {goal}x", "tokens_per_s": f">= {goal or 0:,}", "runs": "trains"}[kind]
+        want = {"ratio": f">= {goal}x", "tokens_per_s": f">= {goal or 0:,}", "runs": "trains",
+                "memory": f"peak < {goal}x"}[kind]
         if "error" in c:
             lines.append(f"{c['case']:34s} {'-':>10s} {'-':>9s} {'-':>7s} {'-':>8s} {'-':>7s} {want:>12s}  "
                          f"failed: {c['error']}")
