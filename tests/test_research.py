@@ -10,7 +10,7 @@ from conftest import ROOT
 from thcore import checkpoint, research, tree
 from thcore.config import ConfigError
 from thcore.data import demo
-from thcore.data.translation import PairDataset, collate
+from thcore.data.translation import TokenPairs, collate
 from thcore.data.vocab import Vocab
 from thcore.models import GPT, Transformer
 from thcore.optim import SGD, AdamW
@@ -22,7 +22,7 @@ from thcore.step import IGNORE, local_grads, train_step
 def data():
     src, tgt = demo.corpus(48, seed=3)
     sv, tv = Vocab.build(s.split() for s in src), Vocab.build(t.split() for t in tgt)
-    ds = PairDataset(src, tgt, sv, tv, max_len=40)
+    ds = TokenPairs.from_lines(src, tgt, sv, tv, max_len=40)
     return sv, tv, [collate([ds[i] for i in range(j, j + 8)]) for j in range(0, 48, 8)]
 
 
