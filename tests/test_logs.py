@@ -75,7 +75,7 @@ def test_a_resume_with_changed_fields_keeps_the_config_history(tiny, capsys):
     assert "\nconfig: " not in capsys.readouterr().out
     second = tiny(max_steps=20, checkpoint_every=10, lr=1e-3, **SMALL)
     train(second)
-    assert f"config: 2 fields changed at step 10: lr 0.002 -> 0.001, max_steps 10 -> 20 (the previous config.json " \
+    assert "config: 2 fields changed at step 10: lr 0.002 -> 0.001, max_steps 10 -> 20 (the previous config.json " \
            "is kept as config.10.json)" in capsys.readouterr().out
     with open(os.path.join(first.run_dir, "config.10.json")) as f:
         assert json.load(f) == first.to_dict()
