@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import checkpoint
 from ..config import ConfigError
 from ..func import pick_device
-from ..step import LossModule, autocast, train_step
+from ..step import LossModule, autocast, loss_fn, train_step  # noqa: F401  (loss_fn: tests/fault_recipe.py patches it here)
 from . import use_tf32
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
