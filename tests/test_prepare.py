@@ -157,6 +157,9 @@ def test_bad_inputs_name_the_file_and_line_and_leave_the_old_output(tmp_path):
     with pytest.raises(ConfigError, match=rf"input: {d / 'b.txt'}: not valid UTF-8 at byte 3"):
         lm.prepare(str(d), str(tmp_path / "o"), "gpt2", GPT2_TOK)   # fails after a.txt's tokens were written
     assert {f: sha(tmp_path / "o" / f) for f in os.listdir(tmp_path / "o")} == before
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        lm.prepare(str(d), str(tmp_path / "new" / "o"), "gpt2", GPT2_TOK)
+    assert not (tmp_path / "new").exists()   # nor the directories it made
 
 
 _PEAK = """
@@ -277,4 +280,4 @@ def test_translation_prepare_bad_input_is_one_line(tmp_path):
                                                       f"has 2 lines, {d}/train.de has 1")
     p = th("prepare", "--task=translation", f"--out={tmp_path / 'p'}", check=False)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: data_dir='': required with --task=translation")
-    assert not (tmp_path / "p" / "meta.json").exists()
+    assert not (tmp_path / "p").exists()   # a failed prepare leaves no directory it made

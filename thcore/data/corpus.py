@@ -149,7 +149,11 @@ class Staging:
     META = "meta.json"
 
     def __init__(self, out: str):
-        self.out = out
+        self.out, self.made = out, []   # the directories made here: removed again (when empty) after a failure
+        d = os.path.abspath(out)
+        while not os.path.exists(d):
+            self.made.append(d)
+            d = os.path.dirname(d)
         os.makedirs(out, exist_ok=True)
         self.dir = os.path.join(out, f".partial-{os.getpid()}")
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -174,6 +178,10 @@ class Staging:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.dir, ignore_errors=True)   # after a failure; after commit it is gone already
+        if exc[0] is not None:
+            for d in self.made:   # deepest first
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
 
 
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "B"):
