@@ -40,7 +40,7 @@ if __name__ == "__main__":
     import fire
 
     from thcore.cli import run_launcher
-    from thcore.engines.ddp import check_torchrun_env
+    from thcore.engines.runtime import check_torchrun_env
 
     try:   # before anything else: without torchrun's environment the first collective would hang or crash
         check_torchrun_env("launchers/multinode.py")

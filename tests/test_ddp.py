@@ -132,14 +132,14 @@ def test_without_torchrun_a_one_line_error_says_how_to_launch(tmp_path):
 def test_cuda_path_differs_only_in_backend_and_device(monkeypatch, tmp_path):
     """No GPU in CI: the selection itself is what differs, so test it with CUDA's availability faked."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from thcore.engines import ddp
+    from thcore.engines import ddp, runtime
     cfg = tiny_config(tmp_path, engine="ddp", ddp_comm_hook="bf16_compress")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert ddp.backend_and_device("auto", 3) == ("nccl", torch.device("cuda", 3))
-    assert ddp.backend_and_device("cpu", 3) == ("gloo", torch.device("cpu"))
+    assert runtime.backend_and_device("auto", 3) == ("nccl", torch.device("cuda", 3))
+    assert runtime.backend_and_device("cpu", 3) == ("gloo", torch.device("cpu"))
     assert ddp.comm_hook(cfg, "nccl")[1] is default_hooks.bf16_compress_hook
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert ddp.backend_and_device("auto", 3) == ("gloo", torch.device("cpu"))
+    assert runtime.backend_and_device("auto", 3) == ("gloo", torch.device("cpu"))
     assert ddp.comm_hook(cfg, "gloo")[1] is ddp.bf16_compress_hook_gloo
 
 

@@ -417,10 +417,10 @@ def test_gpu_memory_after_init_is_the_state_alone():
 def test_more_ranks_than_gpus_is_one_line(monkeypatch):
     """2 processes with device=auto on a 1-GPU machine: rank 1 is told why, instead of crashing on cuda:1."""
     from thcore.config import ConfigError
-    from thcore.engines import ddp
+    from thcore.engines import runtime
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert ddp.backend_and_device("auto", 0) == ("nccl", torch.device("cuda", 0))
+    assert runtime.backend_and_device("auto", 0) == ("nccl", torch.device("cuda", 0))
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 but the machine shows 1 GPU; start at most 1 process "
                                           r"per node \(--nproc=1\)"):
-        ddp.backend_and_device("auto", 1)
+        runtime.backend_and_device("auto", 1)

@@ -19,7 +19,6 @@ into an eager checkpoint (`consolidate` below). The run directory must be on a f
 import contextlib
 import copy
 import datetime
-import gc
 import io
 import json
 import os
@@ -37,7 +36,7 @@ from ..config import ConfigError
 from ..optim import _groups
 from ..step import IGNORE, LossModule, dropout_seed
 from . import use_tf32
-from .ddp import backend_and_device, check_torchrun_env, init_process_group
+from .runtime import Runtime
 
 INSTALL_HINT = "pip install 'torch-handle[deepspeed]' (or pip install deepspeed)"
 
@@ -160,29 +159,21 @@ def make_optimizer(cfg, model: nn.Module, ds_config: dict):
 
 # -- the engine -------------------------------------------------------------------------------------------
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Runtime):
     name = "deepspeed"
 
     def __init__(self, cfg):
         deepspeed = require_deepspeed()
-        check_torchrun_env("engine='deepspeed'")   # torchrun and the deepspeed launcher both set it
-        self.cfg = cfg
-        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ["LOCAL_RANK"])
-        self.is_main = self.rank == 0
+        super().__init__(cfg, "engine='deepspeed'")   # torchrun and the deepspeed launcher both set its variables
         self.ds_config = check(cfg, self.world_size)
-        backend, self.device = backend_and_device(cfg.device, self.local_rank)
         if self.device.type == "cpu" and self.ds_config.get("fp16", {}).get("enabled"):
             raise ConfigError("precision='fp16': DeepSpeed's CPU accelerator has no fp16 (\"Type fp16 is not supported "
                               "on your device\"); use precision='bf16' on CPU, or fp16 on a GPU")
         if cfg.compile:
             raise ConfigError("compile=True: not supported with engine='deepspeed' (use eager or ddp)")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self._own_group = not dist.is_initialized()   # a caller's process group outlives this engine
-        if self._own_group:   # ours, with the store keys of each torchrun restart apart (engines/ddp.py)
-            init_process_group(backend, cfg.dist_timeout_s)
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+        self.start(bind_device=False)
+        deepspeed.init_distributed(dist_backend=self.backend,
+                                   timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         self.engine = None
         if self.is_main:
             print(f"deepspeed config{' (' + cfg.deepspeed_config + ')' if cfg.deepspeed_config else ''}: "
@@ -267,11 +258,6 @@ class DeepSpeedEngine:
             metrics["skipped"] = 1
         return state.replace(step=state.step + 1), metrics
 
-    def reduce_sum(self, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, state, run_dir, keep=3, extra=None):
         """Every rank writes its shards into one staging directory; rank 0 moves them into checkpoints/step_<N>
@@ -334,20 +320,10 @@ class DeepSpeedEngine:
             meta = json.load(f)
         return self._view(state).with_meta(meta), meta, pick[0]
 
-    def barrier(self):
-        dist.barrier()
-
-    def close(self, clean: bool = True):
-        if not dist.is_initialized():
-            return
-        if clean:
-            dist.barrier()
+    def _drop(self):
         if self.engine is not None:
             self.engine.destroy()
         self.engine = None
-        gc.collect()
-        if self._own_group:
-            dist.destroy_process_group()
 
 
 # -- export: a DeepSpeed checkpoint as an eager one -------------------------------------------------------

@@ -15,7 +15,6 @@ each rank reads only the rows of its own shard.
 """
 import contextlib
 import copy
-import gc
 import glob
 import json
 import os
@@ -34,7 +33,8 @@ from .. import checkpoint, shards, tree
 from ..config import ConfigError
 from ..step import loss_fn, train_step
 from . import use_tf32
-from .ddp import backend_and_device, bind, check_torchrun_env, init_process_group
+from .ddp import bind
+from .runtime import Runtime
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,21 +59,13 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class FSDPEngine:
+class FSDPEngine(Runtime):
     name = "fsdp"
 
     def __init__(self, cfg):
-        check_torchrun_env("engine='fsdp'")
-        self.cfg = cfg
-        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ["LOCAL_RANK"])
-        self.is_main = self.rank == 0
+        super().__init__(cfg, "engine='fsdp'")
         replicate, shard = mesh_shape(cfg, self.world_size)
-        self.backend, self.device = backend_and_device(cfg.device, self.local_rank)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(self.device)
-        init_process_group(self.backend, cfg.dist_timeout_s, device_id=self.device if cuda else None)
+        self.start()
         self.mesh = (init_device_mesh(self.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
                      if replicate > 1 else init_device_mesh(self.device.type, (shard,), mesh_dim_names=("shard",)))
         self.model = self.params = None
@@ -133,11 +125,6 @@ class FSDPEngine:
                                     stream=self.rank)   # per-rank dropout masks
         # norms over sharded tensors come back as replicated DTensors: the loop reads plain tensors
         return state, {k: v.to_local() if isinstance(v, DTensor) else v for k, v in metrics.items()}
-
-    def reduce_sum(self, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
 
     def num_params(self, state) -> int:
         return sum(p.numel() for p in state.params.values())   # a DTensor's numel is the whole tensor's
@@ -227,11 +214,5 @@ class FSDPEngine:
             raise checkpoint.none_complete(paths, self.cfg.resume)
         return state, None, None
 
-    def close(self, clean: bool = True):
-        if not dist.is_initialized():
-            return
-        if clean:
-            dist.barrier()
+    def _drop(self):
         self.model = self.params = None
-        gc.collect()
-        dist.destroy_process_group()
