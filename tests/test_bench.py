@@ -231,3 +231,13 @@ def test_bench_flags_are_one_config_class():
         main(zero_stage=2)
     with pytest.raises(ConfigError, match="offload='disk': must be one of"):
         main(engine="deepspeed", offload="disk")
+
+
+def test_bench_times_the_fsdp_engine():
+    """One process, a real FSDP2 engine (a 1-rank mesh): the same JSON as every engine."""
+    import json
+    from conftest import th
+    out = json.loads(th("bench", "--engine=fsdp", "--offload=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                        "--vocab_size=128", "--batch_size=2", "--seq_len=32", "--steps=2", "--rounds=1",
+                        "--warmup=1", "--threads=1", "--json").stdout)
+    assert out["engine"] == "fsdp" and out["offload"] == "cpu" and out["tokens_per_s"] > 0

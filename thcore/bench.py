@@ -1,7 +1,7 @@
 """`th.py bench`: ms/step, tokens/s, MFU and peak memory of our training step, against peers in the same process.
 
     python th.py bench --model=gpt2 --n_layer=12 --n_head=12 --n_embd=768 --batch_size=12 --seq_len=1024 \
-        --precision=bf16 [--engine=eager|ddp|deepspeed] [--compile=True] [--against=module,hf] [--json]
+        --precision=bf16 [--engine=eager|ddp|fsdp|deepspeed] [--compile=True] [--against=module,hf] [--json]
 
 Ours is `engine.step` (train_step with donation) on a GPT (or `--model=transformer`, the encoder-decoder) with
 dropout 0, AdamW (weight decay on matrices) and global-norm clipping. Peers run the same configuration:
@@ -282,11 +282,11 @@ class BenchConfig:
     cuda_graphs: bool = field(False, "compile with CUDA graphs (engine=eager)", "precision/speed")
     device: str = field("auto", "auto | cpu | cuda", "engine/distribution", _choice("auto", "cpu", "cuda"))
     threads: int = field(0, "CPU threads (0 = torch's default)", "engine/distribution", _at_least(0))
-    engine: str = field("eager", "eager | ddp | deepspeed (one process: a real reducer / DeepSpeed engine)",
-                        "engine/distribution", _choice("eager", "ddp", "deepspeed"))
+    engine: str = field("eager", "eager | ddp | fsdp | deepspeed (one process: a real reducer / FSDP2 / DeepSpeed "
+                                 "engine)", "engine/distribution", _choice("eager", "ddp", "fsdp", "deepspeed"))
     zero_stage: int = field(0, "DeepSpeed ZeRO stage 0-3 (engine=deepspeed)", "engine/distribution",
                             _choice(0, 1, 2, 3))
-    offload: str = field("none", "DeepSpeed offload: none | cpu | nvme (engine=deepspeed)", "engine/distribution",
+    offload: str = field("none", "offload: none | cpu | nvme (engine=deepspeed; fsdp: cpu)", "engine/distribution",
                          _choice("none", "cpu", "nvme"))
     against: str = field("", "peers, comma-separated: module (the nn.Module + torch.optim loop), hf "
                              "(GPT2LMHeadModel), eager (our step uncompiled)", "logging/eval")
@@ -316,8 +316,10 @@ class BenchConfig:
             raise ConfigError("against=hf: GPT2LMHeadModel is a GPT; use --model=gpt2 (or a GPT preset)")
         if self.cuda_graphs and self.engine != "eager":
             raise ConfigError(f"cuda_graphs=True: only with engine='eager', not engine={self.engine!r}")
-        if self.engine != "deepspeed" and (self.zero_stage or self.offload != "none"):
+        if self.engine != "deepspeed" and self.zero_stage:
             raise ConfigError(f"zero_stage={self.zero_stage}, offload={self.offload!r}: only with engine='deepspeed'")
+        if self.offload != "none" and not (self.engine == "deepspeed" or self.engine == "fsdp" and self.offload == "cpu"):
+            raise ConfigError(f"offload={self.offload!r}: only with engine='deepspeed', or 'cpu' with engine='fsdp'")
         if self.loop and peers:
             raise ConfigError("loop=True: times our fit loop alone; drop --against")
 
@@ -533,6 +535,7 @@ SUITE = [
      ("memory", 0.9, "gpt2-124m compiled vs module")),
     ("gpt2-xl eager", {**_XL}, ("tokens_per_s", 45_000, None)),
     ("gpt2-xl zero-2, 1 GPU", {**_XL, "engine": "deepspeed", "zero_stage": 2}, ("ratio", 0.95, "gpt2-xl eager")),
+    ("gpt2-xl fsdp, 1 GPU", {**_XL, "engine": "fsdp"}, ("ratio", 0.95, "gpt2-xl eager")),
     ("6.4B zero-3 + cpu offload + ckpt", {**_6B, "engine": "deepspeed", "zero_stage": 3, "offload": "cpu",
                                           "activation_checkpointing": True, "steps": 2, "rounds": 1, "warmup": 1},
      ("runs", None, None)),
