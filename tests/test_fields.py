@@ -58,3 +58,19 @@ def test_translation_without_a_test_split_says_so(tmp_path):
     task = TranslationTask(cfg)
     assert task.warnings == [f"warning: no test split (test_src / test_tgt in {d}): the run reports no test scores"]
     assert task.summary.splitlines()[-1] == task.warnings[0]
+
+
+@pytest.mark.parametrize("values,line", [
+    ({"engine": "eager", "bucket_cap_mb": 50.0}, "bucket_cap_mb=50.0: only used with engine='ddp', not engine='eager'"),
+    ({"engine": "fsdp", "ddp_comm_hook": "powersgd"}, "ddp_comm_hook='powersgd': only used with engine='ddp'"),
+    ({"engine": "ddp", "nvme_path": "/x"}, "nvme_path='/x': only used with engine='deepspeed'"),
+    ({"engine": "deepspeed", "powersgd_rank": 2}, "powersgd_rank=2: only used with engine='ddp'"),
+])
+def test_a_field_the_engine_would_ignore_is_refused(tmp_path, chars, values, line):
+    with pytest.raises(ConfigError, match="^" + line.replace("(", r"\(").replace(")", r"\)")):
+        _lm(tmp_path, data_dir=chars, **values)
+
+
+def test_num_workers_is_refused_by_the_gpt_task(tmp_path, chars):
+    with pytest.raises(ConfigError, match=r"^num_workers=2: the GPT task draws its windows"):
+        _lm(tmp_path, data_dir=chars, num_workers=2)

@@ -218,6 +218,8 @@ class Config:
 # fields that only some engines use: DDP, FSDP and DeepSpeed run the module's own forward (no fused loss, no
 # kernel choice, no CUDA graphs of the functional step)
 _ENGINE_FIELDS = {"ce_chunk": ("eager",), "sdpa_backend": ("eager",), "cuda_graphs": ("eager",),
+                  "ddp_comm_hook": ("ddp",), "bucket_cap_mb": ("ddp",), "powersgd_rank": ("ddp",),
+                  "powersgd_start_iter": ("ddp",), "nvme_path": ("deepspeed",),
                   "dp_replicate": ("fsdp",), "dp_shard": ("fsdp",), "reshard_after_forward": ("fsdp",),
                   "zero_stage": ("deepspeed",), "deepspeed_config": ("deepspeed",), "offload": ("deepspeed", "fsdp")}
 

@@ -70,6 +70,9 @@ class LMConfig(Config):
         super().validate()
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.num_workers:   # a batch is a random window of a memory map: nothing for a worker to do
+            raise ConfigError(f"num_workers={self.num_workers}: the GPT task draws its windows from memory-mapped "
+                              "tokens in the training process; use 0")
         if not self.data_dir and not self.datasets:
             raise ConfigError("data_dir: required (a directory made by `python th.py prepare`), or give datasets")
 
