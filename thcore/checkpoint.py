@@ -278,17 +278,21 @@ def _load_tensors(path: str, like: dict, what: str) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
     if like is None:   # as saved
         return loaded
-    missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
+    check_fits(path, what, {k: v.shape for k, v in loaded.items()}, like)
+    return {k: loaded[k].to(device=ref.device, dtype=ref.dtype) for k, ref in like.items()}
+
+
+def check_fits(where: str, what: str, shapes: dict, like: dict) -> None:
+    """IncompatibleCheckpoint naming the first tensor of `like` that the saved {name: shape} lacks, has too
+    many of, or holds in another shape."""
+    missing, unexpected = set(like) - set(shapes), set(shapes) - set(like)
     if missing or unexpected:
         name = sorted(missing or unexpected)[0]
-        raise IncompatibleCheckpoint(f"{path}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
-    out = {}
+        raise IncompatibleCheckpoint(f"{where}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
     for k, ref in like.items():
-        if loaded[k].shape != ref.shape:
-            raise IncompatibleCheckpoint(f"{path}: {what} {k!r} has shape {tuple(loaded[k].shape)}, "
-                                         f"the model expects {tuple(ref.shape)}")
-        out[k] = loaded[k].to(device=ref.device, dtype=ref.dtype)
-    return out
+        if tuple(shapes[k]) != tuple(ref.shape):
+            raise IncompatibleCheckpoint(f"{where}: {what} {k!r} has shape {tuple(shapes[k])}, the model expects "
+                                         f"{tuple(ref.shape)}")
 
 
 def _load_sharded(ckpt: str, kind: str, like: dict, what: str) -> dict:
@@ -296,18 +300,12 @@ def _load_sharded(ckpt: str, kind: str, like: dict, what: str) -> dict:
     from .shards import INDEX, Reader
     try:
         reader = Reader(ckpt)
-        loaded = {k: None for k in reader.names(kind)}
+        shapes = {k: reader.shape(kind, k) for k in reader.names(kind)}
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{os.path.join(ckpt, INDEX)}: unreadable ({e.__class__.__name__}: {e})") from None
-    missing, unexpected = set(like) - set(loaded), set(loaded) - set(like)
-    if missing or unexpected:
-        name = sorted(missing or unexpected)[0]
-        raise IncompatibleCheckpoint(f"{ckpt}: {what} {name!r} is {'missing' if missing else 'not in this model'}")
+    check_fits(ckpt, what, shapes, like)
     out = {}
     for k, ref in like.items():
-        if reader.shape(kind, k) != tuple(ref.shape):
-            raise IncompatibleCheckpoint(f"{ckpt}: {what} {k!r} has shape {reader.shape(kind, k)}, the model "
-                                         f"expects {tuple(ref.shape)}")
         try:
             out[k] = reader.read(kind, k).to(device=ref.device, dtype=ref.dtype)
         except Exception as e:   # SafetensorError, a missing part

@@ -168,16 +168,8 @@ class FSDPEngine(Runtime):
         reader = shards.Reader(ckpt)
         trees = {"model": state.params, "optimizer": tree.flatten(state.opt_state)}
         for kind, like in trees.items():
-            names = set(reader.names(kind))
-            if names != set(like):
-                name = sorted(names ^ set(like))[0]
-                raise checkpoint.IncompatibleCheckpoint(f"{ckpt}: {kind} tensor {name!r} is "
-                                                        f"{'missing' if name in like else 'not in this model'}")
-            for k, t in like.items():
-                if reader.shape(kind, k) != tuple(t.shape):
-                    raise checkpoint.IncompatibleCheckpoint(
-                        f"{ckpt}: {kind} tensor {k!r} has shape {reader.shape(kind, k)}, the model expects "
-                        f"{tuple(t.shape)}")
+            checkpoint.check_fits(ckpt, f"{kind} tensor", {k: reader.shape(kind, k) for k in reader.names(kind)},
+                                  like)
         need = {f for kind, like in trees.items()
                 for f in reader.files(kind, like, lambda k, like=like: shards.local_rows(like[k]))}
         checkpoint.verify(ckpt, only=need | {"state.json", shards.INDEX})
