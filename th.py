@@ -3,7 +3,7 @@
 
     python th.py run recipes/single_translation.py [--field=value ...]
     python th.py bench [--model=gpt2 --n_layer=4 ... --against=module,hf --json]   # speed: docs/PERFORMANCE.md
-    python th.py prepare --input=text.txt --out=data/x [--tokenizer=char|gpt2 --tokenizer_dir=DIR]
+    python th.py prepare --input=text.txt --out=data/x [--tokenizer=char|gpt2 --tokenizer_dir=DIR]   # or --task=translation
     python th.py generate RUN_DIR [--prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=200]
     python th.py export RUN_DIR OUT_DIR [--format=hf]
     python th.py translate RUN_DIR [--input=file.txt --beam=5]   # or lines on stdin; translations on stdout

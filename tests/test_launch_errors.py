@@ -101,7 +101,7 @@ def test_bad_train_files_give_one_line_and_status_2(tmp_path, nproc):
         out = tmp_path / "run"
         line = one_error(launch(recipe, str(out), nproc, **files))
         assert line.startswith(want), line
-        # no file at all (prepare still leaves an empty prepared/ behind for some bad corpora)
+        # no file at all (a directory may be created on the way, but nothing a later run or command would read)
         assert not out.exists() or not [k for k, v in snapshot(out).items() if v is not None], snapshot(out)
 
 
