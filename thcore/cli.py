@@ -8,7 +8,7 @@ import datetime
 import os
 import sys
 
-from .config import ConfigError
+from .config import ConfigError, PeerFailed
 from .faults import TrainingAborted
 from .loop import Interrupted
 
@@ -43,7 +43,8 @@ def guarded(fn, *args, **kwargs):
         report(str(e))
         sys.exit(3)
     except ConfigError as e:
-        report(str(e))
+        if not isinstance(e, PeerFailed):
+            report(str(e))
         sys.exit(2)
     except Interrupted:
         sys.exit(130)

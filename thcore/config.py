@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """A bad config value or unknown field; the message is one line that names the field."""
 
 
+class PeerFailed(ConfigError):
+    """Another rank met the bad input and reports it; this rank leaves with the same status, saying nothing."""
+
+
 GROUPS = ("model", "data", "optimisation", "precision/speed", "engine/distribution", "checkpoints/faults",
           "logging/eval", "research probes")
 
