@@ -13,21 +13,40 @@ from .faults import TrainingAborted
 from .loop import Interrupted
 
 
+def _job_store():
+    """(torchrun's own store, the first-error key of this attempt), or None outside torchrun's agent (ranks
+    started by hand keep their store in rank 0's process: it dies with it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=5))
+    return store, f"torch_handle/first_error/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def _first_error() -> bool:
     """Is this the first error of this torchrun job (attempt)? True outside torchrun or without its store."""
-    # only torchrun's own store outlives the workers (ranks started by hand keep theirs in rank 0's process)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return True
     rank = os.environ.get("RANK", "0")
     try:
-        import torch.distributed as dist
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=5))
-        key = f"torch_handle/first_error/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        found = _job_store()
+        if found is None:
+            return True
+        store, key = found
         # the first caller sets the key; later ones read the first one's rank back
         return store.compare_set(key, "", rank) == rank.encode()
     except Exception:   # no store to agree through (it is gone, or this is no torchrun job): say it anyway
         return True
+
+
+def _wait_for_the_cause(timeout_s: float = 60.0) -> None:
+    """A rank that stops because a peer failed (PeerFailed) leaves once that peer has printed the cause: torchrun
+    stops the whole group as soon as one worker exits, which could cut the cause off."""
+    try:
+        found = _job_store()
+        if found is not None:
+            found[0].wait([found[1]], datetime.timedelta(seconds=timeout_s))
+    except Exception:   # the store is gone or the peer died silently: nothing left to wait for
+        pass
 
 
 def report(line: str) -> None:
@@ -43,7 +62,9 @@ def guarded(fn, *args, **kwargs):
         report(str(e))
         sys.exit(3)
     except ConfigError as e:
-        if not isinstance(e, PeerFailed):
+        if isinstance(e, PeerFailed):
+            _wait_for_the_cause()
+        else:
             report(str(e))
         sys.exit(2)
     except Interrupted:
