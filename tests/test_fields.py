@@ -1,6 +1,5 @@
 """Common config fields reach what they configure in every task, and errors name the field the user gave."""
 import pytest
-import torch
 import torch.nn.functional as F
 
 from conftest import shakespeare_chars

@@ -169,7 +169,7 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
     # decides alike from them; the local loss only joins in a single process.
     loss_ok = torch.isfinite(loss_sum) if sum_fn is None else None
     if host:
-        return _host_path(state, grads, loss_sum, ntok, loss_ok, sum_fn is not None)
+        return _host_path(state, grads, loss_sum, ntok, loss_ok)
     return _device_path(state, before, donate, grads, loss_sum, ntok, loss_ok)
 
 
@@ -183,7 +183,7 @@ def _apply_update(state, grads, lr, grad_scale=None, found_inf=None):
                     **({"grad_scale": grad_scale, "found_inf": found_inf} if found_inf is not None else {}))
 
 
-def _host_path(state, grads, loss_sum, ntok, loss_ok, distributed):
+def _host_path(state, grads, loss_sum, ntok, loss_ok):
     """A CPU: every op has already run when Python reads a flag, so the step reads them and a skipped step
     costs no copy."""
     opts = state.options
