@@ -52,7 +52,10 @@ def assert_same_history(run_dir):
         assert [v for _, v in tb[tag]] == pytest.approx([v for _, v in js[tag]], rel=1e-6), tag
 
 
-def test_tensorboard_and_metrics_jsonl_agree_after_resuming_from_an_older_checkpoint(tiny, capsys):
+def test_tensorboard_and_metrics_jsonl_agree_after_resuming_from_an_older_checkpoint(tiny, capsys, monkeypatch):
+    # both runs open their event file within the same second (tensorboardX names files by the second)
+    import tensorboardX.event_file_writer as efw
+    monkeypatch.setattr(efw, "time", types.SimpleNamespace(time=lambda: 1796176370.5))
     cfg = tiny(max_steps=40, checkpoint_every=10, log_every=10, eval_every=20, **SMALL)
     train(cfg)
     older = os.path.join(cfg.run_dir, "checkpoints", "step_20")

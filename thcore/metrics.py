@@ -1,5 +1,6 @@
 """Run metrics from one writer, rank 0 only: metrics.jsonl (orjson), TensorBoard scalars (tensorboardX), an
 optional Weights & Biases run, and a plain text line per train log step for logs that are not a terminal."""
+import glob
 import importlib.util
 import math
 import os
@@ -44,8 +45,12 @@ class Metrics:
                     f.writelines(orjson.dumps(r) + b"\n" for r in keep)
                 os.replace(path + ".tmp", path)
             self._file = open(path, "ab")
-            # purge_step: TensorBoard drops the older events at steps >= it (those of the run before this resume)
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
+            # purge_step: TensorBoard drops the older events at steps >= it (those of the run before this resume).
+            # tensorboardX names a file by the second it opened; a numbered suffix keeps a resume within the
+            # same second from truncating the previous file, and sorts after it.
+            tb = os.path.join(run_dir, "tb")
+            n = len(glob.glob(os.path.join(tb, "events.out.tfevents.*")))
+            self._tb = SummaryWriter(tb, filename_suffix=f".{n:06d}",
                                      purge_step=resume_step + 1 if resume_step is not None else None)
             if wandb:
                 import wandb as wandb_lib
