@@ -374,3 +374,122 @@ def test_generate_from_hf_dir_with_gpt2_tokenizer(tmp_path):
     assert p.stdout == tok.decode(ids[0, 1:].tolist()) + "\n"
     missing = th("generate", tmp_path / "hf", "--max_new_tokens=1", check=False)
     assert missing.returncode == 2 and "tokenizer_dir: required" in missing.stderr
+
+
+# -- vocabulary padding (GPT-2 BPE: 50257 real tokens in 50304 rows) -------------------------------------
+BPE_LM = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, eval_iters=2, log_every=2,
+              warmup_steps=0, lr_schedule="constant")   # constant: a run cut short follows the same rates
+
+
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory):
+    """The first 20k characters of tiny Shakespeare, GPT-2 BPE."""
+    d = tmp_path_factory.mktemp("bpe")
+    (d / "small.txt").write_text(open(SHAKESPEARE).read()[:20_000])
+    lm_data.prepare(str(d / "small.txt"), str(d / "bpe"), "gpt2", GPT2_TOK)
+    return str(d / "bpe")
+
+
+def bpe_config(tmp_path, data_dir, name, **kw):
+    return lm_config(tmp_path, data_dir, **{**BPE_LM, "out_dir": str(tmp_path / name), **kw})
+
+
+def test_gpt2_bpe_runs_pad_to_64_and_export_the_hf_layout(tmp_path, bpe_data, char_data):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    from thcore import generate as gen
+    assert LMTask(lm_config(tmp_path, char_data)).model_args["vocab_multiple"] == 1   # char vocabularies stay
+    cfg = bpe_config(tmp_path, bpe_data, "run", max_steps=2, eval_every=2)
+    task = LMTask(cfg)
+    assert task.model_args["vocab_multiple"] == 64 and "vocab 50257 (gpt2), 50304 rows" in task.summary
+    state = train(cfg, task)
+    assert state.params["transformer.wte.weight"].shape == (50304, 16)
+    assert json.load(open(os.path.join(cfg.run_dir, "model.json")))["vocab_multiple"] == 64
+    out = tmp_path / "hf"
+    th("export", cfg.run_dir, str(out), "--format=hf")
+    assert load_file(out / "model.safetensors")["transformer.wte.weight"].shape == (50257, 16)
+    assert json.load(open(out / "config.json"))["vocab_size"] == 50257
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    model, params, _ = gen.load(cfg.run_dir)   # the padded run, as generate reads it
+    idx = torch.tensor([[50256, 0, 1, 50000, 13, 50255]])
+    with torch.no_grad():
+        ours = _our_logits(hf_gpt2.load_gpt(cfg.run_dir)[0], params, idx)
+        assert ours.shape == (1, 6, 50257) and (hf(idx).logits - ours).abs().max() <= 1e-4
+    out_ids = gen.generate(model, params, {}, idx, 8, 1.0, 0, torch.Generator().manual_seed(0))
+    assert out_ids.shape == (1, 14) and int(out_ids.max()) < 50257
+
+
+def test_unpadded_checkpoint_resumes_to_the_same_numbers(tmp_path, bpe_data):
+    """A GPT-2 BPE run written before padding was the default (50257 rows; model.json and config.json without
+    vocab_multiple) resumes bitwise as the run that never stopped; a new run from it is padded on read."""
+    ref = train(bpe_config(tmp_path, bpe_data, "ref", vocab_multiple=1, max_steps=4, eval_every=4))
+    old = bpe_config(tmp_path, bpe_data, "old", vocab_multiple=1, max_steps=2, eval_every=2)
+    train(old)
+    for name in ("model.json", "config.json"):   # as the previous version wrote them
+        path = os.path.join(old.run_dir, name)
+        values = json.load(open(path))
+        values.pop("vocab_multiple")
+        json.dump(values, open(path, "w"))
+    from safetensors.torch import load_file
+    from thcore import generate as gen
+    hf_gpt2.export(old.run_dir, str(tmp_path / "old_hf"))   # export and generate read it as it is
+    assert load_file(tmp_path / "old_hf" / "model.safetensors")["transformer.wte.weight"].shape == (50257, 16)
+    model, params, _ = gen.load(old.run_dir)
+    assert gen.generate(model, params, {}, torch.tensor([[50256]]), 4, 0.0).shape == (1, 5)
+    cfg = bpe_config(tmp_path, bpe_data, "old", max_steps=4, eval_every=4)   # today's default: vocab_multiple=0
+    notes = []
+    task = LMTask(cfg, log=lambda *a, **k: notes.append(" ".join(map(str, a))))
+    assert notes == ["note: the checkpoint to resume holds 50257 token rows (written without vocabulary padding): "
+                     "this run keeps them (vocab_multiple=1); init_from pads them to 50304 in a new run"]
+    resumed = train(cfg, task)
+    assert resumed.step == 4 and all(torch.equal(ref.params[k], resumed.params[k]) for k in ref.params)
+    assert json.load(open(os.path.join(old.run_dir, "model.json")))["vocab_multiple"] == 1
+    with pytest.raises(ConfigError, match=r"^vocab_multiple=64: the checkpoint to resume holds 50257 unpadded "
+                                          r"token rows; resume it with vocab_multiple=1"):
+        LMTask(bpe_config(tmp_path, bpe_data, "old", vocab_multiple=64, max_steps=6))
+    # a new run from those weights: padded on read with zero rows, the real rows as trained
+    new = LMTask(bpe_config(tmp_path, bpe_data, "new", init_from=old.run_dir), log=lambda *a, **k: None)
+    wte = new.init_state(1).params["transformer.wte.weight"]
+    assert wte.shape == (50304, 16) and torch.equal(wte[:50257], resumed.params["transformer.wte.weight"])
+    assert not wte[50257:].any()
+
+
+def test_pad_rows_never_get_probability_mass():
+    """Pad rows made to win every logit if they were scored: logits, samples and the loss (plain and chunked)
+    see only the vocab_size real tokens, as the unpadded model with the same weights."""
+    from thcore import func
+    from thcore.step import loss_fn
+    shape = dict(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    padded, plain = GPT(**shape, vocab_multiple=64).eval(), GPT(**shape).eval()
+    with torch.no_grad():
+        padded.transformer.ln_f.bias.fill_(1.0)   # every feature vector has mean 1 ...
+        padded.transformer.wte.weight[100:] = 10.0   # ... so each pad row's logit would be ~160
+    params = {k: v.detach() for k, v in padded.named_parameters()}
+    real = {**params, "transformer.wte.weight": params["transformer.wte.weight"][:100]}
+    idx = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = func.apply(padded, params, {}, idx)
+        assert logits.shape == (4, 16, 100)
+        torch.testing.assert_close(logits, func.apply(plain, real, {}, idx), rtol=0, atol=1e-5)
+        full = padded.lm_head(padded.features(idx))   # what the pad rows would say
+        assert full.shape[-1] == 128 and (full.argmax(-1) >= 100).all()
+    out = generate(padded, params, {}, idx[:, :4], 12, temperature=1.0, top_k=0,
+                   generator=torch.Generator().manual_seed(0))
+    assert int(out.max()) < 100
+    batch = {"idx": idx, "targets": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))}
+    want, _ = loss_fn(plain, real, {}, batch)
+    for chunk in (0, 24):
+        got, _ = loss_fn(padded, params, {}, batch, ce_chunk=chunk)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_mfu_counts_the_padded_rows_the_output_layer_multiplies():
+    """FLOPs per token of a padded run equal those of nanoGPT's 50304-token model (the same matmuls)."""
+    from thcore.perf import gpt_flops_per_token
+    shape = dict(block_size=64, n_layer=1, n_head=2, n_embd=64)
+    with torch.device("meta"):
+        padded = GPT(vocab_size=50257, vocab_multiple=64, **shape)
+        nanogpt, unpadded = GPT(vocab_size=50304, **shape), GPT(vocab_size=50257, **shape)
+    assert gpt_flops_per_token(padded, 64) == gpt_flops_per_token(nanogpt, 64)
+    assert gpt_flops_per_token(padded, 64) == gpt_flops_per_token(unpadded, 64) + 6 * 47 * 64

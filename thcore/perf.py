@@ -4,7 +4,9 @@ FLOPs of a training step (forward + backward = 3x forward, matmuls only, a multi
 the PaLM paper count them:
 
     GPT, per token:  6 N + 12 L H Q T       N = parameters without the position embeddings (the token embedding
-                                            stays: it is also the output layer), L layers, H heads of width Q,
+                                            stays: it is also the output layer; padded (vocab_multiple), with its
+                                            pad rows, which the output matmul computes: 50257 tokens in 50304
+                                            rows count as nanoGPT's 50304), L layers, H heads of width Q,
                                             T the sequence length (attention scores and their use; the causal
                                             mask's skipped half is counted, as everyone does).
     Transformer:     encoder tokens  6 N_enc + 12 L_enc D S

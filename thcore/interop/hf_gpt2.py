@@ -129,8 +129,9 @@ def run_checkpoint(run_dir: str, checkpoint: str = "") -> str:
 
 def load_gpt(path: str, checkpoint: str = "", vocab_multiple: int = 0) -> tuple[dict, dict, str]:
     """(GPT constructor args, params, where the weights came from) for a Hugging Face GPT-2 directory, a run
-    directory of ours, or one checkpoint dir of a run. `vocab_multiple` > 0: the token embedding is padded with
-    zero rows to that multiple (for a GPT built with it), and the args say so."""
+    directory of ours, or one checkpoint dir of a run. `vocab_multiple` > 0: the token embedding is brought to
+    that multiple's rows (zero rows added, or pad rows of another multiple cut) for a GPT built with it, and the
+    args say so. A run's model.json without `vocab_multiple` was written before padding: its rows are unpadded."""
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a directory")
     args, params, src = _load_gpt(path, checkpoint)

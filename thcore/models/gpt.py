@@ -98,12 +98,15 @@ def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
 
 
 def pad_vocab(params: dict, rows: int) -> dict:
-    """`params` with the token embedding grown by zero rows to `rows` (weights from Hugging Face or an unpadded
-    checkpoint). The padded rows get no gradient (the logits are cropped), so they stay zero."""
+    """`params` with the token embedding at `rows` rows (`rows` >= the real vocabulary): grown by zero rows
+    (weights from Hugging Face or an unpadded run) or cut (a run padded to another multiple: only pad rows go).
+    The pad rows get no gradient (the logits are cropped), so zero rows stay zero."""
     key = "transformer.wte.weight"
     w = params.get(key)
-    if w is None or w.shape[0] >= rows:
+    if w is None or w.shape[0] == rows:
         return params
+    if w.shape[0] > rows:
+        return {**params, key: w[:rows].contiguous()}
     return {**params, key: torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])}
 
 

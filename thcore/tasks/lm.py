@@ -14,17 +14,19 @@ import os
 
 import attrs
 import torch
+from safetensors import safe_open
 
 from .. import checkpoint, optim
 from ..config import Config, ConfigError, _non_negative, _positive, _unit, field
 from ..data import lm as data
 from ..data.loader import to_device
 from ..interop import hf_gpt2
-from ..models.gpt import GPT
+from ..models.gpt import GPT, padded_vocab
 from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
 
 TRAIN_ESTIMATE = 2   # stream tag of the train-loss estimate's batches (training draws with data.TRAIN)
+BPE_MULTIPLE = 64   # vocab_multiple=0 pads GPT-2 BPE vocabularies to this (50257 -> 50304, as nanoGPT)
 
 
 def _weights(inst, attr, value):
@@ -42,8 +44,10 @@ class LMConfig(Config):
     block_size: int = field(256, "context length in tokens", "model", _positive)
     dropout: float = field(0.2, "dropout rate", "model", _unit)
     bias: bool = field(False, "biases in Linear and LayerNorm (GPT-2 has them; nanoGPT trains without)", "model")
-    vocab_size: int = field(0, "0 = the data's (meta.json); e.g. 50304 pads GPT-2's 50257", "model",
-                            _non_negative)
+    vocab_size: int = field(0, "0 = the data's (meta.json)", "model", _non_negative)
+    vocab_multiple: int = field(0, "token embedding / output layer rows padded to a multiple of this (the logits "
+                                   "stay vocab_size wide); 0 = 64 for GPT-2 BPE data, 1 (none) otherwise",
+                                "model", _non_negative)
     # data: a directory made by `th.py prepare`, or a weighted mix of several {data_dir: weight}
     data_dir: str = field("", "a directory made by `th.py prepare` (train.bin, val.bin, meta.json)", "data")
     datasets: dict = field(help="a weighted mix {data_dir: weight, ...}; replaces data_dir", group="data",
@@ -90,6 +94,7 @@ class LMTask:
             if m["tokenizer"] != self.meta["tokenizer"]:
                 raise ConfigError(f"datasets: {d} has another tokenizer than {self.dirs[0]}; mixed data must share one")
         self.model_args = self._model_args(cfg, self.meta)
+        self._keep_saved_layout(cfg)
         if self.meta["vocab_size"] > self.model_args["vocab_size"]:
             raise ConfigError(f"vocab_size={self.model_args['vocab_size']}: the data has {self.meta['vocab_size']} tokens")
         T = self.model_args["block_size"]
@@ -102,21 +107,42 @@ class LMTask:
                     raise ConfigError(f"block_size={T}: {d}/{split}.bin has only {n} tokens; lower block_size")
         a = self.model_args
         mix = ", ".join(f"{d} x{w / sum(sources.values()):.2f}" for d, w in sources.items())
+        rows = padded_vocab(a["vocab_size"], a["vocab_multiple"])
         self.summary = (f"data: {mix} | train {len(self.train):,} tokens, val {len(self.val):,} | "
-                        f"vocab {a['vocab_size']} ({self.meta['tokenizer']['kind']}) | GPT {a['n_layer']} layers, "
+                        f"vocab {a['vocab_size']} ({self.meta['tokenizer']['kind']})"
+                        + (f", {rows} rows" if rows != a["vocab_size"] else "") + f" | GPT {a['n_layer']} layers, "
                         f"{a['n_head']} heads, {a['n_embd']} wide, block {a['block_size']}"
                         + (f" | from {cfg.init_from}" if cfg.init_from else ""))
 
     @staticmethod
     def _model_args(cfg, meta) -> dict:
-        """The GPT's shape: from the config, or from `init_from` (its shape wins; block_size may crop it)."""
+        """The GPT's shape: from the config, or from `init_from` (its shape wins; block_size may crop it); the
+        vocabulary padded as `vocab_multiple` says (init_from's weights are padded or cropped to it on load)."""
+        multiple = cfg.vocab_multiple or (BPE_MULTIPLE if meta["tokenizer"]["kind"] == "gpt2" else 1)
         if cfg.init_from:
             args = dict(_peek_shape(cfg.init_from))
             if cfg.block_size > args["block_size"]:
                 raise ConfigError(f"block_size={cfg.block_size}: init_from {cfg.init_from} has {args['block_size']} positions")
-            return {**args, "block_size": cfg.block_size}
+            return {**args, "block_size": cfg.block_size, "vocab_multiple": multiple}
         return dict(vocab_size=cfg.vocab_size or meta["vocab_size"], block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                    n_embd=cfg.n_embd, bias=cfg.bias)
+                    n_embd=cfg.n_embd, bias=cfg.bias, vocab_multiple=multiple)
+
+    def _keep_saved_layout(self, cfg):
+        """Resuming a checkpoint written without vocabulary padding (before it was the default): the run keeps
+        its unpadded rows, so it goes on with exactly the numbers it had (checkpoints load only into the shape
+        that wrote them). A new run from those weights (init_from) is padded on read."""
+        a = self.model_args
+        rows = padded_vocab(a["vocab_size"], a["vocab_multiple"])
+        saved = next((r for r in map(_saved_rows, checkpoint.resolve(cfg.resume, cfg.run_dir)) if r), None)
+        if saved != a["vocab_size"] or rows == saved:
+            return
+        if cfg.vocab_multiple > 1:
+            raise ConfigError(f"vocab_multiple={cfg.vocab_multiple}: the checkpoint to resume holds {saved} "
+                              "unpadded token rows; resume it with vocab_multiple=1, or start a new run from its "
+                              "weights with init_from (padded on read)")
+        self.model_args = {**a, "vocab_multiple": 1}
+        self.log(f"note: the checkpoint to resume holds {saved} token rows (written without vocabulary padding): "
+                 f"this run keeps them (vocab_multiple=1); init_from pads them to {rows} in a new run")
 
     def save_assets(self, run_dir: str):
         """model.json (the GPT's constructor arguments) and the tokenizer: what export and generate read."""
@@ -130,12 +156,14 @@ class LMTask:
 
     def init_state(self, total_steps: int, device="cpu"):
         c = self.cfg
-        state = init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device,
+        init_from = c.init_from and not checkpoint.resolve(c.resume, c.run_dir)   # resuming: the checkpoint wins
+        state = init_state(self.build_model, optim.make_optimizer(c), seed=c.seed,
+                           device="cpu" if init_from and torch.device(device).type == "meta" else device,
                            lr=optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio),
                            options=StepOptions(precision=c.precision, clip_grad=c.clip_grad,
                                               label_smoothing=c.label_smoothing, **speed_options(c)))
-        if c.init_from and not checkpoint.resolve(c.resume, c.run_dir):   # resuming: the checkpoint wins anyway
-            _, params, src = hf_gpt2.load_gpt(c.init_from)
+        if init_from:   # Hugging Face's weights, whole: an engine that builds on meta shards them instead
+            _, params, src = hf_gpt2.load_gpt(c.init_from, vocab_multiple=self.model_args["vocab_multiple"])
             params["transformer.wpe.weight"] = params["transformer.wpe.weight"][:c.block_size]   # nanoGPT's crop
             for k, p in state.params.items():
                 if k not in params or params[k].shape != p.shape:
@@ -171,6 +199,27 @@ class LMTask:
         val_loss, val_tok, train_loss, train_tok = engine.reduce_sum(sums).tolist()
         loss = val_loss / max(val_tok, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "train_loss": train_loss / max(train_tok, 1)}
+
+
+def _saved_rows(ckpt: str) -> int | None:
+    """Token-embedding rows saved in checkpoint dir `ckpt`, from the file headers (None when nothing says: a
+    damaged checkpoint, which the restore skips with a warning)."""
+    key = "transformer.wte.weight"
+    if not checkpoint.has_params(ckpt):   # DeepSpeed's own files: the model.json of its run says
+        try:
+            with open(os.path.join(hf_gpt2.run_of(ckpt), hf_gpt2.MODEL_JSON)) as f:
+                args = json.load(f)
+            return padded_vocab(args["vocab_size"], args.get("vocab_multiple", 1))
+        except (OSError, ValueError, KeyError):
+            return None
+    try:
+        if checkpoint.is_sharded(ckpt):
+            from ..shards import Reader
+            return Reader(ckpt).shape("model", key)[0]
+        with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
+            return f.get_slice(key).get_shape()[0]
+    except Exception:   # unreadable here means unreadable for the restore too: it names the file
+        return None
 
 
 def _peek_shape(path: str) -> dict:
