@@ -187,9 +187,11 @@ def test_cuda_graphs_and_chunked_loss_compiled_equal_eager(batch):
         torch.testing.assert_close(sw.params[k], plain.params[k], rtol=1e-3, atol=2e-4)
 
 
-def test_switches_are_eager_engine_only():
-    with pytest.raises(ConfigError, match="ce_chunk=64: only used with engine='eager'"):
-        from_dict(LMConfig, {"data_dir": "x", "engine": "ddp", "ce_chunk": 64})
+def test_switches_are_refused_where_the_engine_ignores_them():
+    with pytest.raises(ConfigError, match="ce_chunk=64: only used with engine='eager' or 'ddp'"):
+        from_dict(LMConfig, {"data_dir": "x", "engine": "fsdp", "ce_chunk": 64})
+    with pytest.raises(ConfigError, match="cuda_graphs=True: only used with engine='eager'"):
+        from_dict(LMConfig, {"data_dir": "x", "engine": "ddp", "cuda_graphs": True})
 
 
 # -- th.py bench --suite=gpu: at toy size on a CPU ------------------------------------------------------

@@ -107,7 +107,7 @@ class Config:
     activation_checkpointing: bool = field(False, "recompute each block's activations in backward (less memory)",
                                            "precision/speed")
     # speed switches (docs/PERFORMANCE.md; eager engine): each also runs on CPU, as a no-op or its CPU equivalent
-    ce_chunk: int = field(0, "> 0: output layer + loss fused, in chunks of this many rows (eager engine)",
+    ce_chunk: int = field(0, "> 0: output layer + loss fused, in chunks of this many rows (eager, ddp engines)",
                           "precision/speed", _non_negative)
     sdpa_backend: str = field("auto", "attention kernel: auto | flash | efficient | cudnn | math (eager engine)",
                               "precision/speed", _choice("auto", "flash", "efficient", "cudnn", "math"))
@@ -219,9 +219,9 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# fields that only some engines use: DDP, FSDP and DeepSpeed run the module's own forward (no fused loss, no
-# kernel choice, no CUDA graphs of the functional step)
-_ENGINE_FIELDS = {"ce_chunk": ("eager",), "sdpa_backend": ("eager",), "cuda_graphs": ("eager",),
+# fields that only some engines use: FSDP and DeepSpeed run the module's own forward (no fused loss, no kernel
+# choice, no CUDA graphs of the functional step); DDP wraps the model with its loss, fused or not
+_ENGINE_FIELDS = {"ce_chunk": ("eager", "ddp"), "sdpa_backend": ("eager",), "cuda_graphs": ("eager",),
                   "ddp_comm_hook": ("ddp",), "bucket_cap_mb": ("ddp",), "powersgd_rank": ("ddp",),
                   "powersgd_start_iter": ("ddp",), "nvme_path": ("deepspeed",),
                   "dp_replicate": ("fsdp",), "dp_shard": ("fsdp",), "reshard_after_forward": ("fsdp",),

@@ -50,14 +50,20 @@ def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0, ce_chun
 
 class LossModule(torch.nn.Module):
     """The model with loss_fn as its forward -> (sum of token losses, tokens): what the DDP and DeepSpeed engines
-    wrap (the module holds the params itself, which those engines own; nothing for functional_call to swap)."""
+    wrap (the module holds the params itself, which those engines own; nothing for functional_call to swap).
+    ce_chunk > 0: the output layer and the loss run fused (loss_fn), inside the one module DDP wraps."""
 
-    def __init__(self, model: torch.nn.Module, label_smoothing: float):
+    def __init__(self, model: torch.nn.Module, label_smoothing: float, ce_chunk: int = 0):
         super().__init__()
-        self.model, self.label_smoothing = model, label_smoothing
+        self.model, self.label_smoothing, self.ce_chunk = model, label_smoothing, ce_chunk
 
     def forward(self, batch):
-        return loss_fn(self.model, {}, {}, batch, self.label_smoothing)
+        # the fused loss takes the output weight by name: the module's own Parameter, looked up now (an engine
+        # may have rebound it), so its gradient reaches .grad and DDP's hooks as any other's
+        own = {}
+        if self.ce_chunk:
+            own = {n: self.model.get_parameter(n) for n in getattr(self.model, "output_params", ()) if n}
+        return loss_fn(self.model, own, {}, batch, self.label_smoothing, self.ce_chunk)
 
 
 def autocast(precision: str, device: torch.device):

@@ -89,16 +89,18 @@ class DDPEngine(Runtime):
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         # gradient_as_bucket_view: .grad lives in DDP's buckets, no copy between them. DDP wraps the model *with*
         # its loss: compiled, the fp32 cast and the cross-entropy join the model's graph (no eager [B*T, vocab]
-        # fp32 log-probs between them)
+        # fp32 log-probs between them); with ce_chunk the output layer and the loss run fused, in that module
+        opts = state.options
         self.ddp = DistributedDataParallel(
-            LossModule(state.model, state.options.label_smoothing), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            LossModule(state.model, opts.label_smoothing, opts.ce_chunk),
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
         self._hook_state, hook = comm_hook(self.cfg, self.backend)
         if hook is not None:
             self.ddp.register_comm_hook(self._hook_state, hook)
         # compiling the DDP module is torch's supported way (dynamo splits graphs at bucket boundaries);
         # no_sync() and the reducer still act on self.ddp
-        self.forward = torch.compile(self.ddp) if state.options.compile else self.ddp
+        self.forward = torch.compile(self.ddp) if opts.compile else self.ddp
         self._bound = state.params
         return state
 
