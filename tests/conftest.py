@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import subprocess
@@ -55,3 +56,46 @@ def tiny(tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped on CPU machines (run on a GPU machine)")
+    config.addinivalue_line("markers", "bitwise: a gpu test that compares bits: deterministic CUDA kernels "
+                                       "(deterministic_cuda)")
+
+
+# -- deterministic CUDA kernels for the gpu tests that compare bits ---------------------------------------
+CUBLAS_DETERMINISTIC = ":4096:8"   # cuBLAS's fixed-workspace setting: the same reduction order on every run
+
+
+def pytest_sessionstart(session):
+    # torch sizes cuBLAS's workspace once, at the first matmul of the process: set before any test runs one
+    import torch
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+
+
+@contextlib.contextmanager
+def deterministic_cuda():
+    """torch.use_deterministic_algorithms(True) with CUBLAS_WORKSPACE_CONFIG=:4096:8 (what it requires of cuBLAS)
+    until the end of the block, then the previous settings; without CUDA, nothing at all."""
+    import torch
+    if not torch.cuda.is_available():
+        yield
+        return
+    env, flag = os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.are_deterministic_algorithms_enabled()
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(flag)
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG")
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = env
+
+
+@pytest.fixture(autouse=True)
+def _bitwise_gpu(request):
+    """Tests marked both `gpu` and `bitwise` run under deterministic_cuda()."""
+    node = request.node
+    bitwise = node.get_closest_marker("gpu") and node.get_closest_marker("bitwise")
+    with deterministic_cuda() if bitwise else contextlib.nullcontext():
+        yield

@@ -415,6 +415,35 @@ def test_gpu_memory_after_init_is_the_state_alone():
     assert all(p.device.type == "cuda" for p in state.model.parameters())   # nothing left on the host
 
 
+@pytest.mark.gpu
+@pytest.mark.bitwise
+@cuda
+def test_gpu_resume_is_bitwise_the_uninterrupted_run(tmp_path, char_data):
+    """As on CPU (tests/test_lm.py): cut at step 4 and resumed, the fp32 run ends bitwise equal to the one that never
+    stopped; the deterministic kernels (conftest's deterministic_cuda) make the comparison meaningful."""
+    assert torch.are_deterministic_algorithms_enabled()
+    quiet = dict(log=lambda *a, **k: None)
+    ref_cfg = lm_cfg(tmp_path, char_data, device="cuda", out_dir=str(tmp_path / "ref"), max_steps=8)
+    ref = fit(ref_cfg, LMTask(ref_cfg, **quiet), EagerEngine(ref_cfg), **quiet)
+    for steps in (4, 8):
+        cfg = lm_cfg(tmp_path, char_data, device="cuda", out_dir=str(tmp_path / "cut"), max_steps=steps)
+        cut = fit(cfg, LMTask(cfg, **quiet), EagerEngine(cfg), **quiet)
+    assert cut.step == 8 and all(torch.equal(ref.params[k], cut.params[k]) for k in ref.params)
+
+
+def test_deterministic_cuda_is_inert_on_cpu_and_sets_both_on_cuda(monkeypatch):
+    from conftest import CUBLAS_DETERMINISTIC, deterministic_cuda
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with deterministic_cuda():
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the flags only: no CUDA call
+    with deterministic_cuda():
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
 def test_more_ranks_than_gpus_is_one_line(monkeypatch):
     """2 processes with device=auto on a 1-GPU machine: rank 1 is told why, instead of crashing on cuda:1."""
     from thcore.config import ConfigError
