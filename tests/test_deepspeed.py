@@ -33,6 +33,7 @@ K = 6   # steps per equivalence run
 ZERO2 = os.path.join(ROOT, "recipes", "zero2_translation.py")
 ZERO3_GPT = os.path.join(ROOT, "recipes", "zero3_gpt.py")
 SINGLE = os.path.join(ROOT, "recipes", "single_translation.py")
+FAULTS = os.path.join(ROOT, "tests", "fault_recipe.py")
 # max_len 24 holds every demo sentence (<= 18 tokens with eos) and bounds greedy decoding at eval
 BASE = {**TINY, "max_steps": K, "log_every": 1, "max_len": 24, "demo_valid_size": 32, "demo_test_size": 8,
         "lr_schedule": "constant"}
@@ -43,6 +44,8 @@ BASE = {**TINY, "max_steps": K, "log_every": 1, "max_len": 24, "demo_valid_size"
 TWO = {**BASE, "dropout": 0.0, "batch_size": 8, "demo_valid_size": 33, "eval_batch_size": 8}
 TINY_GPT = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8, "eval_iters": 4,
             "max_steps": K, "eval_every": 0, "log_every": 1, "warmup_steps": 2}
+NAN = {**BASE, "max_steps": 4, "poison_at": 3, "checkpoint_every": 1, "keep_checkpoints": 10, "eval_every": 0}
+TWO_NAN = {k: TWO[k] for k in ("dropout", "batch_size", "demo_valid_size", "eval_batch_size")}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 1500   # per torchrun job: includes the one-time compile of DeepSpeed's CPU ops on 2 shared cores
 
@@ -54,6 +57,9 @@ def runs_one():
     r["z2_offload"] = {**BASE, "zero_stage": 2, "offload": "cpu"}
     r["z2_bf16"] = {**BASE, "zero_stage": 2, "precision": "bf16"}
     r["user_config"] = {**BASE, "deepspeed_config": "USER_CONFIG"}
+    # a non-finite step 3 under nan_policy='skip': DeepSpeed's update is skipped (ZeRO-0 fp32 runs the plain torch
+    # optimizer, which the engine keeps from a non-finite gradient itself)
+    r["z0_nan"] = {**NAN, "zero_stage": 0}
     if have_async_io():   # ZeRO-Infinity: optimizer state and params swapped to disk (needs libaio)
         r["z3_nvme"] = {**BASE, "zero_stage": 3, "offload": "nvme", "nvme_path": "NVME_PATH"}
     return r
@@ -78,6 +84,9 @@ def runs_two(gpt_data: str):
         r[f"{name}_full"] = resume
         r[f"{name}_cut"] = {**resume, "stop_after": 4}
     r["gpt"] = {**TINY_GPT, "recipe": ZERO3_GPT, "data_dir": gpt_data}   # ZeRO-3 + CPU offload + checkpointing
+    r["z3_nan"] = {**NAN, **TWO_NAN, "zero_stage": 3}
+    # bf16 with the gradients of 2 micro-batches accumulated (and reduced) in fp32
+    r["z2_bf16_nan"] = {**NAN, **TWO_NAN, "zero_stage": 2, "precision": "bf16", "grad_accum": 2}
     return r
 
 
@@ -110,11 +119,27 @@ def _stop_after(task, n):
     return task
 
 
+def _poison_at(task, step, accum):
+    """Step `step`'s first micro-batch (on every rank) gets an infinite loss (tests/fault_recipe.py's poisoned
+    loss_fn)."""
+    import torch
+    orig = task.train_loader
+
+    def loader(epoch, start, engine):
+        for i, b in enumerate(orig(epoch, start, engine)):
+            yield {**b, "poison": torch.ones(())} if epoch == 0 and start + i == (step - 1) * accum else b
+    task.train_loader = loader
+    return task
+
+
 def worker(spec_path: str, out: str):
     import torch.distributed as dist
 
+    import thcore.step
+    from fault_recipe import poisoned
     from thcore.engines.deepspeed import DeepSpeedEngine
     from thcore.loop import Interrupted, fit
+    thcore.step.loss_fn = poisoned(thcore.step.loss_fn)   # what LossModule calls; only a marked batch changes
     # one process group for all the runs: DeepSpeed caches its groups per process (an engine leaves a process
     # group it did not create in place)
     dist.init_process_group("gloo")
@@ -123,12 +148,12 @@ def worker(spec_path: str, out: str):
     report = {}
     for name, kw in spec.items():
         kw = dict(kw)
-        stop, recipe = kw.pop("stop_after", None), kw.pop("recipe", ZERO2)
+        stop, recipe, poison = kw.pop("stop_after", None), kw.pop("recipe", ZERO2), kw.pop("poison_at", None)
         cfg, mod = configure(recipe, **kw, out_dir=os.path.join(out, name))
         t0 = time.perf_counter()
         for attempt in (0, 1) if stop else (1,):   # a cut run: stopped, then the same command again
             engine = DeepSpeedEngine(cfg)
-            task = mod.build(cfg)
+            task = mod.build(cfg) if poison is None else _poison_at(mod.build(cfg), poison, cfg.grad_accum)
             try:
                 fit(cfg, _stop_after(task, stop) if attempt == 0 else task, engine, log=lambda *a, **k: None)
             except Interrupted:
@@ -389,6 +414,40 @@ def test_export_then_eager_eval_gives_the_same_val_loss(ds_runs, world, run, tmp
 
 
 @needs_deepspeed
+@pytest.mark.parametrize("world,run", [(1, "z0_nan"), (2, "z3_nan"), (2, "z2_bf16_nan")])
+def test_a_non_finite_step_is_skipped_and_counted(ds_runs, world, run):
+    """nan_policy='skip' (the default): step 3's infinite loss leaves the weights and the optimizer state as they
+    were after step 2, bitwise; it is counted in the log line, and step 4 trains on."""
+    from thcore.engines.deepspeed import consolidate
+    out = os.path.join(ds_runs[world][0], run)
+    (p2, o2, _), (p3, o3, m3), (p4, _, _) = (consolidate(os.path.join(out, "checkpoints", f"step_{s}"))
+                                             for s in (2, 3, 4))
+    assert m3["step"] == 3 and p2.keys() == p3.keys() and o2.keys() == o3.keys()
+    assert all(torch.equal(p2[k], p3[k]) for k in p2) and all(torch.equal(o2[k], o3[k]) for k in o2)
+    assert any(not torch.equal(p3[k], p4[k]) for k in p3) and all(torch.isfinite(p4[k]).all() for k in p4)
+    assert [r["nonfinite_steps"] for r in rows(out, "train")] == [0, 0, 1, 0]
+
+
+@needs_deepspeed
+def test_nan_policy_stop_exits_3_naming_the_step(tmp_path):
+    """`th.py run ... --engine=deepspeed --nproc=2 --nan_policy=stop` (ZeRO-2): exit status 3, one line naming
+    step 7, and the step-6 checkpoint saved on the way out is the uninterrupted run's step 6, bitwise."""
+    from thcore.engines.deepspeed import consolidate
+    from test_ddp import _args
+    cut, ref = tmp_path / "cut", tmp_path / "ref"
+    common = dict(engine="deepspeed", zero_stage=2, checkpoint_every=4)
+    p = th("run", FAULTS, "--nproc=2", *_args(cut, nan_policy="stop", max_steps=12, **common),
+           env={**ENV, "TH_FAULT_NAN_STEP": "7"}, check=False, timeout=TIMEOUT)
+    assert p.returncode == 3, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 7: non-finite loss or gradients") and "nan_policy='stop'" in last, last
+    assert f"{cut}/checkpoints/step_6" in last, last
+    th("run", FAULTS, "--nproc=2", *_args(ref, max_steps=6, **common), env=ENV, timeout=TIMEOUT)
+    (a, opt_a, _), (b, opt_b, _) = (consolidate(os.path.join(r, "checkpoints", "step_6")) for r in (cut, ref))
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+
+@needs_deepspeed
 def test_th_run_starts_the_processes(tmp_path):
     """`python th.py run recipes/zero3_translation.py`: th.py starts torchrun with the recipe's 2 processes."""
     out = tmp_path / "run"
@@ -419,6 +478,18 @@ def test_contradicting_config_is_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match=r"train_batch_size=64 contradicts the recipe's batch_size x grad_accum x "
                                           r"world_size \(64 x 1 x 2\)=128"):
         check(configure(deepspeed_config=str(cfgfile))[0], 2)
+
+
+@needs_deepspeed
+def test_bf16_accumulates_gradients_in_fp32_where_zero_can():
+    from thcore.engines.deepspeed import build_config
+    fp32 = {"grad_accum_dtype": "fp32"}
+    assert build_config(configure(zero_stage=2, precision="bf16")[0], 1)["data_types"] == fp32
+    assert build_config(configure(zero_stage=3, precision="bf16")[0], 1)["data_types"] == fp32
+    assert build_config(configure(zero_stage=1, precision="bf16", offload="cpu")[0], 1)["data_types"] == fp32
+    # DeepSpeed's BF16_Optimizer would take over (its checkpoints are not ZeRO ones); fp32 needs nothing
+    assert "data_types" not in build_config(configure(zero_stage=1, precision="bf16")[0], 1)
+    assert "data_types" not in build_config(configure(zero_stage=2, precision="fp32")[0], 1)
 
 
 @needs_deepspeed

@@ -158,6 +158,25 @@ def test_hybrid_sharding_on_four_ranks_then_two(reference, tmp_path):
     _close(params(resumed), params(two))
 
 
+def test_a_model_built_on_meta_is_drawn_shard_by_shard_as_the_whole_one(tmp_path):
+    """4 ranks build a 241 MB GPT (fp32, 63M params, an uneven 8191-row vocabulary) on the meta device and the
+    FSDP engine draws each rank's shards in place: every param equals the same model built whole on one device,
+    bitwise, and a rank's host memory grows by about its shard (a quarter of the model), never by the model.
+    The whole build, measured the same way, grows by the model: the measurement can tell them apart."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=1",
+                        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                        os.path.join(ROOT, "tests", "fsdp_build.py"), str(tmp_path)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-6000:]
+    for r in range(4):
+        rank = json.load(open(tmp_path / f"rank{r}.json"))
+        assert rank["names"] and rank["equal"], r
+        assert rank["whole_mb"] >= 3.99 * rank["shard_mb"], rank
+        # measured 2026-12-02: 65 MB over a 60 MB shard (the shard, plus one drawn block and its rows)
+        assert rank["build_peak_mb"] < 1.5 * rank["shard_mb"], rank
+        assert rank["whole_peak_mb"] > 0.9 * rank["whole_mb"], rank
+
+
 def test_commands_read_sharded_checkpoints(reference, tmp_path):
     two, _ = reference
     res = json.loads(th("eval", two, "--split=test", "--device=cpu").stdout)

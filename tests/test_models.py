@@ -388,3 +388,59 @@ def test_gpt_activation_checkpointing_and_functional_call():
     torch.testing.assert_close(logits_ckpt, logits, rtol=0, atol=0)
     for g, gc in zip(grads, grads_ckpt):
         torch.testing.assert_close(gc, g, rtol=1e-6, atol=1e-7)
+
+
+# -- initial parameters drawn per (seed, name, block of rows): thcore/weights.py -------------------------------
+
+def test_rows_drawn_alone_equal_the_rows_of_the_whole(monkeypatch):
+    """A rank drawing only its shard's rows gets exactly those rows of the whole parameter, wherever the shard
+    boundaries fall against the seeded blocks (8-element blocks here, so every case crosses several)."""
+    from thcore import weights
+    monkeypatch.setattr(weights, "BLOCK", 8)
+    model = GPT(vocab_size=37, block_size=8, n_layer=2, n_head=2, n_embd=4)
+    for name, p in model.named_parameters():
+        whole = weights.draw_rows(model, name, p.shape, p.dtype, seed=3)
+        rows = p.shape[0]
+        for lo, hi in [(0, rows), (1, rows), (0, rows // 2), (rows // 3, rows - 1), (rows - 1, rows), (5, 5)]:
+            lo, hi = min(lo, rows), min(hi, rows)
+            assert torch.equal(weights.draw_rows(model, name, p.shape, p.dtype, 3, lo, hi), whole[lo:hi]), name
+        assert not torch.equal(whole, weights.draw_rows(model, name, p.shape, p.dtype, seed=4)) or \
+            model.init_spec(name, p.shape)[0] == "const", name
+
+
+def test_init_state_draws_each_param_from_its_seed_and_name():
+    """init_state builds on the meta device and draws every param straight onto the device: the same seed gives
+    the same params; the module holds the state's tensors (stored once); the specs are GPT-2's."""
+    from thcore import init_state
+    build = lambda: GPT(vocab_size=512, block_size=16, n_layer=4, n_head=2, n_embd=64)   # noqa: E731
+    a, b, c = (init_state(build, seed=s) for s in (0, 0, 1))
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert not torch.equal(a.params["transformer.wte.weight"], c.params["transformer.wte.weight"])
+    assert all(p.data_ptr() == a.params[k].data_ptr() for k, p in a.model.named_parameters())
+    assert a.model.lm_head.weight is a.model.transformer.wte.weight   # still tied
+    std = lambda k: a.params[k].std().item()   # noqa: E731
+    assert std("transformer.wte.weight") == pytest.approx(0.02, rel=0.02)
+    assert std("transformer.h.0.attn.c_proj.weight") == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert torch.equal(a.params["transformer.ln_f.weight"], torch.ones(64))
+    assert torch.equal(a.params["transformer.h.0.attn.c_attn.bias"], torch.zeros(192))
+
+
+def test_transformer_built_on_meta_gets_its_sinusoidal_table():
+    from thcore import init_state
+    state = init_state(lambda: Transformer(11, 13, d_model=8, num_heads=2, num_encoder_layers=1,
+                                           num_decoder_layers=1, d_ff=16, max_len=20))
+    assert torch.equal(state.buffers["pos.pe"], SinusoidalPositionalEncoding(8, 20).pe)
+    bound = math.sqrt(6 / (11 + 8))
+    w = state.params["src_embed.weight"]
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound   # Xavier-uniform
+
+
+def test_a_model_that_inits_itself_builds_whole_but_not_on_meta():
+    from thcore import init_state
+    from thcore.config import ConfigError
+    build = lambda: torch.nn.Sequential(torch.nn.Linear(3, 2))   # noqa: E731
+    a, b = init_state(build, seed=5), init_state(build, seed=5)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    with pytest.raises(ConfigError, match=r"Sequential: building on the meta device \(engine='fsdp'\) needs the "
+                                          r"model to say how each parameter is drawn: init_spec"):
+        init_state(build, device="meta")

@@ -218,8 +218,10 @@ def test_ensemble_of_4_equals_4_separate_runs(data, which):
                 # by its own magnitude into steps of up to ~lr either way. Only bounded, not compared.
                 assert (member.params[k] - s.params[k]).abs().max() <= 2 * len(steps) * lrs[i]
                 continue
-            # after 4 Adam steps of up to lr=1e-2; a wrong bias correction or weight decay moves params by ~lr
-            torch.testing.assert_close(member.params[k], s.params[k], rtol=1e-4, atol=1e-5, msg=f"member {i}: {k}")
+            # after 4 Adam steps of up to lr=1e-2; a wrong bias correction or weight decay moves params by ~lr. An
+            # element whose gradient is a near-cancelling sum (seen: 4.7e-5 from terms ~1e-2) differs by 4e-4
+            # relative between batched and unbatched matmuls, which Adam's ~sign(g) first steps turn into 2e-5
+            torch.testing.assert_close(member.params[k], s.params[k], rtol=1e-4, atol=3e-5, msg=f"member {i}: {k}")
             torch.testing.assert_close(member.opt_state["exp_avg"][k], s.opt_state["exp_avg"][k],
                                        rtol=1e-4, atol=1e-7, msg=f"member {i}: exp_avg {k}")
     # members really differ (different seeds and lrs), so a mix-up of members would fail above
@@ -228,7 +230,7 @@ def test_ensemble_of_4_equals_4_separate_runs(data, which):
     # a member is an ordinary TrainState: train_step continues it exactly as the separate run
     cont, _ = train_step(ens.member(0), batches[5])
     ref, _ = train_step(separate[0], batches[5])
-    torch.testing.assert_close(cont.params[k], ref.params[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cont.params[k], ref.params[k], rtol=1e-4, atol=3e-5)   # atol: as above
 
 
 def test_ensemble_init_rejects_what_it_cannot_vmap(data):

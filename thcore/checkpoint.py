@@ -216,6 +216,11 @@ def _check_space(root: str, final: str, need: int) -> None:
                               "is intact")
 
 
+def step_dir(run_dir: str, step: int) -> str:
+    """Where the checkpoint of `step` is (or will be): every rank can name it."""
+    return os.path.join(root_of(run_dir), f"step_{step}")
+
+
 def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True,
          files: dict | None = None, known: dict | None = None) -> str:
     """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`.
@@ -223,7 +228,7 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
     `files`: more {name: write(path)} entries for write_dir (the DeepSpeed and FSDP engines move their own files
     in); `known`: their manifest entries, when their writers made them."""
     root = root_of(run_dir)
-    final = os.path.join(root, f"step_{state.step}")
+    final = step_dir(run_dir, state.step)
     _sweep(root)
     meta = {**state.meta(), **(extra or {})}
     writers = {"state.json": lambda p: _write_json(p, meta)}
@@ -266,8 +271,8 @@ def best(run_dir: str) -> str | None:
                 step = json.load(f).get("best_step")
         except (OSError, ValueError):
             continue   # damaged: ask the one before
-        path = os.path.join(root_of(run_dir), f"step_{step}")
-        return path if step is not None and os.path.isdir(path) else None
+        path = step_dir(run_dir, step) if step is not None else None
+        return path if path is not None and os.path.isdir(path) else None
     return None
 
 

@@ -15,6 +15,28 @@ def init(model: nn.Module) -> tuple[dict, dict]:
     return params, buffers
 
 
+def bind(model: nn.Module, params: dict, buffers: dict) -> dict:
+    """Make `model`'s parameters and buffers *be* the state's tensors (shared storage, tied weights kept tied).
+
+    Returns {name: nn.Parameter}: where DDP leaves the gradients (`.grad`)."""
+    new = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        mod, _, leaf = name.rpartition(".")
+        if id(p) not in new:   # tied weights: the first name is the one in `params` (named_parameters' dedup)
+            new[id(p)] = nn.Parameter(params[name])   # a Parameter around a tensor shares its storage
+        setattr(model.get_submodule(mod), leaf, new[id(p)])
+    bind_buffers(model, buffers)
+    bound = dict(model.named_parameters())
+    assert bound.keys() == params.keys() and all(bound[k].data_ptr() == t.data_ptr() for k, t in params.items())
+    return bound
+
+
+def bind_buffers(model: nn.Module, buffers: dict) -> None:
+    for name, b in buffers.items():
+        mod, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(mod), leaf, b)   # an existing buffer name: stays a (non-)persistent buffer
+
+
 class _Method(nn.Module):
     """Lets functional_call reach a method other than forward (e.g. encode/decode for decoding)."""
 

@@ -120,7 +120,7 @@ def fit(cfg, task, engine, log=print, launch: dict | None = None):
                           f"(batch_size x world_size {engine.world_size} x grad_accum {cfg.grad_accum})")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     research.check_config(cfg, engine.name)
-    state = task.init_state(total)
+    state = task.init_state(total, device=engine.build_device)
     if cfg.ema_decay:   # before restore: a checkpoint's ema.safetensors loads into it
         state = research.with_ema(state, cfg.ema_decay)
     state = engine.init(state)

@@ -7,10 +7,9 @@ the learning-rate schedule and the step options.
 from typing import Any, Callable
 
 import attrs
-import torch
 from torch import nn
 
-from . import func, tree
+from . import func, tree, weights
 from .optim import AdamW, schedule
 
 
@@ -82,16 +81,17 @@ def init_state(model, tx=None, *, seed: int = 0, lr: float | Callable[[int], flo
                options: StepOptions | None = None, device="cpu") -> TrainState:
     """A fresh TrainState.
 
-    `model` is an nn.Module, or a zero-argument callable that builds one: it is then built under `seed`, so
-    the initial params are a function of the seed alone. `lr` is a float or a schedule `step -> lr`.
+    `model` is an nn.Module (its own tensors become the params), or a zero-argument callable that builds one:
+    it is then built on the meta device and each parameter drawn on its own, a function of (`seed`, its name)
+    alone (thcore/weights.py), straight onto `device`; `device="meta"` leaves them for the engine to place
+    (FSDP: shard by shard). `lr` is a float or a schedule `step -> lr`.
     """
-    if not isinstance(model, nn.Module):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = model()
-    params, buffers = func.init(model)
-    params = {k: v.to(device) for k, v in params.items()}
-    buffers = {k: v.to(device) for k, v in buffers.items()}
+    if isinstance(model, nn.Module):
+        params, buffers = func.init(model)
+        params = {k: v.to(device) for k, v in params.items()}
+        buffers = {k: v.to(device) for k, v in buffers.items()}
+    else:
+        model, params, buffers = weights.build(model, seed, device)
     tx = tx or AdamW()
     options = options or StepOptions()
     return TrainState(params=params, opt_state=tx.init(params), seed=seed, model=model, buffers=buffers, tx=tx,

@@ -145,12 +145,14 @@ def _rng_scope(device):
 
 
 def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local_grads, sum_fn=None,
-               stream: int = 0):
+               stream: int = 0, update_fn=None):
     """One optimizer step. Returns (new state, metrics) with metrics as tensors (no host sync).
 
     Pure by default: the input state is left untouched. `donate=True` updates its tensors in place (engines
     use it; it gives the same numbers without the copy). Engines change only `grads_fn` (how gradients are
     computed and reduced), `sum_fn` (sum of a scalar over ranks) and `stream` (their rank, for dropout).
+    An engine that owns the optimizer (DeepSpeed: partitioned gradients, its clipping, loss scaling and
+    update) also passes `update_fn(state, lr) -> (grad_norm, applied, lr)`; its grads_fn returns no gradients.
     """
     before = state   # pure: the caller's tensors stay as they are, and a non-finite step selects them back
     if not donate:
@@ -169,6 +171,8 @@ def train_step(state: TrainState, batch, *, donate: bool = False, grads_fn=local
     seeds = [dropout_seed(state.seed, state.step, i, stream) for i in range(len(microbatches))]
     with _rng_scope(device):
         grads, loss_sum = grads_fn(state, microbatches, scale, seeds)
+    if update_fn is not None:
+        return _engine_path(state, update_fn, loss_sum, ntok)
 
     grads = list(grads.values())
     # One decision per step, from quantities every rank shares: under DDP the gradients are global, so every rank
@@ -189,6 +193,28 @@ def _apply_update(state, grads, lr, grad_scale=None, found_inf=None):
                     **({"grad_scale": grad_scale, "found_inf": found_inf} if found_inf is not None else {}))
 
 
+def _verdict(fp16: bool, grads_ok, loss_ok):
+    """(nonfinite, skipped) of a step: a non-finite step keeps params and optimizer state and is nan_policy's
+    business; under fp16, overflowing gradients with a finite loss are the loss scale's (skipped, scale halved).
+    `loss_ok` is None where the gradients are global and the loss is not (several ranks): they alone decide."""
+    finite = grads_ok if loss_ok is None else grads_ok & loss_ok
+    if not fp16:
+        return ~finite, None
+    nan_step = ~loss_ok if loss_ok is not None else torch.zeros_like(grads_ok)
+    return nan_step, ~grads_ok & ~nan_step
+
+
+def _engine_path(state, update_fn, loss_sum, ntok):
+    """The engine applies the update (DeepSpeed skips a step whose gradients are not finite and says so); the
+    verdict, the learning rate and the metrics are the same as for every other engine."""
+    grad_norm, applied, lr = update_fn(state, state.lr_fn(state.step))
+    nonfinite, skipped = _verdict(state.options.precision == "fp16", torch.as_tensor(applied), None)
+    metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
+    if skipped is not None:
+        metrics["skipped"] = skipped
+    return state.replace(step=state.step + 1), metrics
+
+
 def _host_path(state, grads, loss_sum, ntok, loss_ok):
     """A CPU: every op has already run when Python reads a flag, so the step reads them and a skipped step
     costs no copy."""
@@ -199,20 +225,17 @@ def _host_path(state, grads, loss_sum, ntok, loss_ok):
     metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": state.lr_fn(state.step)}
     # A non-finite step (NaN/Inf in the loss or the gradients) leaves params, optimizer state and EMA as they were
     # and reports metrics["nonfinite"]; the step counter and the data cursor move on (the loop applies nan_policy).
-    finite = torch.isfinite(grad_norm) if loss_ok is None else torch.isfinite(grad_norm) & loss_ok
-    metrics["nonfinite"] = ~finite
-    if opts.precision == "fp16":   # dynamic loss scale: skip the update and halve the scale on overflow
-        if loss_ok is not None and not loss_ok.item():   # no loss scale fixes a non-finite loss: a NaN step
-            return state.replace(step=state.step + 1), metrics
-        metrics["nonfinite"] = torch.zeros_like(finite)   # overflowing gradients are the loss scale's business
-        if not torch.isfinite(grad_norm).item():
+    nan_step, overflow = _verdict(opts.precision == "fp16", torch.isfinite(grad_norm), loss_ok)
+    metrics["nonfinite"] = nan_step
+    if nan_step.item():
+        return state.replace(step=state.step + 1), metrics
+    if overflow is not None:   # fp16's dynamic loss scale: skip the update and halve the scale on overflow
+        if overflow.item():
             metrics["skipped"] = 1
             return state.replace(step=state.step + 1, loss_scale=state.loss_scale / 2, good_steps=0), metrics
         grow = state.good_steps + 1 >= opts.loss_scale_growth_interval
         state = state.replace(loss_scale=state.loss_scale * (2 if grow else 1),
                               good_steps=0 if grow else state.good_steps + 1)
-    elif not finite.item():
-        return state.replace(step=state.step + 1), metrics
     if opts.clip_grad > 0:
         torch._foreach_mul_(grads, (opts.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0))
     _apply_update(state, grads, metrics["lr"])
@@ -237,17 +260,15 @@ def _device_path(state, before, donate, grads, loss_sum, ntok, loss_ok):
     grads_ok = torch.isfinite(grad_norm)
     finite = grads_ok if loss_ok is None else grads_ok & loss_ok
     metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": state.lr_fn(state.step)}
+    nan_step, overflow = _verdict(fp16, grads_ok, loss_ok)
+    metrics["nonfinite"] = nan_step
     if fp16:   # a non-finite loss is a NaN step (scale kept); overflowing gradients the loss scale's business
-        nan_step = ~loss_ok if loss_ok is not None else torch.zeros_like(grads_ok)
-        overflow = ~grads_ok & ~nan_step
-        metrics["nonfinite"], metrics["skipped"] = nan_step, overflow
+        metrics["skipped"] = overflow
         grow = finite & (state.good_steps + 1 >= opts.loss_scale_growth_interval)
         new_scale = torch.where(overflow, state.loss_scale * 0.5, torch.where(grow, state.loss_scale * 2,
                                                                               state.loss_scale))
         new_good = torch.where(nan_step, state.good_steps,
                                torch.where(overflow | grow, 0, state.good_steps + 1))
-    else:
-        metrics["nonfinite"] = ~finite
     # the divisor that unscales and clips: g / (loss_scale / clip) = (g / loss_scale) * clip
     clip = (opts.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0) if opts.clip_grad > 0 else None
     if fused:

@@ -14,11 +14,11 @@ import inspect
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoint
+from ..func import bind
 from ..config import ConfigError
 from ..step import LossModule, autocast, loss_fn, train_step  # noqa: F401  (loss_fn: tests/fault_recipe.py patches it here)
 from . import use_tf32
@@ -51,24 +51,6 @@ def comm_hook(cfg, backend: str):
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
                                         start_powerSGD_iter=cfg.powersgd_start_iter)
     return state, powerSGD_hook.powerSGD_hook
-
-
-def bind(model: nn.Module, params: dict, buffers: dict) -> dict:
-    """Make `model`'s parameters and buffers *be* the state's tensors (shared storage, tied weights kept tied).
-
-    Returns {name: nn.Parameter}: where DDP leaves the gradients (`.grad`)."""
-    new = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        mod, _, leaf = name.rpartition(".")
-        if id(p) not in new:   # tied weights: the first name is the one in `params` (named_parameters' dedup)
-            new[id(p)] = nn.Parameter(params[name])   # a Parameter around a tensor shares its storage
-        setattr(model.get_submodule(mod), leaf, new[id(p)])
-    for name, b in buffers.items():
-        mod, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(mod), leaf, b)   # an existing buffer name: stays a (non-)persistent buffer
-    bound = dict(model.named_parameters())
-    assert bound.keys() == params.keys() and all(bound[k].data_ptr() == t.data_ptr() for k, t in params.items())
-    return bound
 
 
 class DDPEngine(Runtime):
@@ -143,9 +125,10 @@ class DDPEngine(Runtime):
 
     def save(self, state, run_dir, keep=3, extra=None):
         self._check_replicas(state)
-        path = checkpoint.save(state, run_dir, keep=keep, extra=extra) if self.is_main else None
+        if self.is_main:
+            checkpoint.save(state, run_dir, keep=keep, extra=extra)
         dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
-        return path
+        return checkpoint.step_dir(run_dir, state.step)   # on every rank: error messages name it alike
 
     def restore(self, state, paths):
         """Every rank loads the same files, into the tensors DDP's module owns."""

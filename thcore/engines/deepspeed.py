@@ -33,8 +33,9 @@ from torch import nn
 
 from .. import checkpoint, tree
 from ..config import ConfigError
+from ..func import bind
 from ..optim import _groups
-from ..step import IGNORE, LossModule, dropout_seed
+from ..step import LossModule, train_step
 from . import use_tf32
 from .runtime import Runtime
 
@@ -88,6 +89,10 @@ def build_config(cfg, world_size: int) -> dict:
     }
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        # bf16 sums of many micro-batches lose bits: ZeRO's optimizer accumulates (and reduces) them in fp32 from
+        # stage 2 (at stage 1 DeepSpeed would switch to its BF16_Optimizer, whose checkpoints zero_to_fp32 cannot read)
+        if cfg.zero_stage >= 2 or (cfg.zero_stage == 1 and cfg.offload != "none"):
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif cfg.precision == "fp16":   # dynamic loss scale, as train_step's: start at 2^16, x2 after N good steps
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000,
                       "hysteresis": 1, "min_loss_scale": 1}
@@ -179,6 +184,8 @@ class DeepSpeedEngine(Runtime):
             print(f"deepspeed config{' (' + cfg.deepspeed_config + ')' if cfg.deepspeed_config else ''}: "
                   f"{json.dumps(self.ds_config, sort_keys=True)}", file=sys.stderr)
 
+    build_device = "cpu"   # DeepSpeed moves (and at ZeRO-3 partitions) the module itself
+
     @property
     def zero_stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -187,11 +194,7 @@ class DeepSpeedEngine(Runtime):
         import deepspeed
         use_tf32(self.device)
         model = state.model
-        with torch.no_grad():   # the module's own tensors take the state's values (e.g. LM init_from)
-            for k, p in model.named_parameters():
-                p.copy_(state.params[k])
-            for k, b in model.named_buffers():
-                b.copy_(state.buffers[k])
+        bind(model, state.params, state.buffers)   # DeepSpeed trains the state's own tensors
         # the model's definition without tensors (on the meta device): ZeRO-3 evaluates through it (eval_state)
         self._twin = copy.deepcopy(model, {id(t): nn.Parameter(t.to("meta"), t.requires_grad) if
                                            isinstance(t, nn.Parameter) else t.to("meta")
@@ -200,13 +203,16 @@ class DeepSpeedEngine(Runtime):
         self.engine, *_ = deepspeed.initialize(model=LossModule(model, state.options.label_smoothing),
                                                optimizer=opt, model_parameters=groups, config=self.ds_config)
         self._own_lr = "scheduler" not in self.ds_config   # a user's DeepSpeed scheduler owns the lr
+        self._plain = self.zero_stage == 0 and not self.engine.bfloat16_enabled() and not self.engine.fp16_enabled()
         return self._view(state)
 
     def _view(self, state):
         """The state's pytree view of the module DeepSpeed trains (live tensors; nothing copied)."""
         model = self.engine.module.model
+        # DeepSpeed scales the fp16 loss itself: train_step's scale stays 1
         return state.replace(model=model, params=dict(model.named_parameters()),
-                             buffers=dict(model.named_buffers()), opt_state={}, tx=None)
+                             buffers=dict(model.named_buffers()), opt_state={}, tx=None, loss_scale=1.0,
+                             good_steps=0)
 
     @contextlib.contextmanager
     def eval_state(self, state):
@@ -226,37 +232,60 @@ class DeepSpeedEngine(Runtime):
         return sum(getattr(p, "ds_numel", p.numel()) for p in state.params.values())   # ZeRO-3: partitioned
 
     def step(self, state, batch):
+        """train_step, with DeepSpeed's backward (it reduces, and from ZeRO-2 partitions, the gradients) and its
+        update (clipping, loss scaling, the optimizer step)."""
         microbatches = batch if isinstance(batch, (list, tuple)) else [batch]
         gas = self.engine.gradient_accumulation_steps()
         if len(microbatches) != gas:
             raise ConfigError(f"grad_accum: the DeepSpeed config accumulates {gas} micro-batches, the loop gave "
                               f"{len(microbatches)}")
-        ntok = sum((mb["targets"] != IGNORE).sum() for mb in microbatches)
-        # train_step's normalisation; DeepSpeed divides by grad_accum and averages over ranks: undo both
-        scale = (len(microbatches) * self.world_size) / self.reduce_sum(ntok).clamp(min=1).float()
-        lr = state.lr_fn(state.step)
+        return train_step(state, microbatches, donate=True, grads_fn=self._backward, sum_fn=self.reduce_sum,
+                          stream=self.rank, update_fn=self._update)
+
+    def _backward(self, state, microbatches, scale, seeds):
+        """Forward and backward of each micro-batch through DeepSpeed. It averages over micro-batches and ranks,
+        and train_step's normalisation is a sum over the global batch: the factor undoes the average."""
+        scale = scale * (len(microbatches) * self.world_size)
+        loss_sum = 0.0
+        for i, (mb, seed) in enumerate(zip(microbatches, seeds)):
+            torch.manual_seed(seed)
+            ls, _ = self.engine(mb)
+            self.engine.backward(ls * scale)
+            if i < len(microbatches) - 1:
+                self.engine.step()   # DeepSpeed counts micro-batches; it updates only at the last (in _update)
+            loss_sum = loss_sum + ls.detach().float()
+        return {}, loss_sum
+
+    def _update(self, state, lr):
+        """DeepSpeed's update: (grad norm, applied, lr). DeepSpeed skips a step whose gradients are not finite
+        (its overflow check under bf16/fp16, the norm check of ZeRO 1-3); a ZeRO-0 fp32 run hands the gradients to
+        our torch optimizer as they are, so that check is made here: DeepSpeed's step runs (its counters move on)
+        over zeroed gradients, with the optimizer's update left out. DeepSpeed reads its own norm on the host:
+        reading `applied` waits for nothing more."""
+        opt = self.engine.optimizer
         if self._own_lr:
-            for g in self.engine.optimizer.param_groups:
+            for g in opt.param_groups:
                 g["lr"] = lr
-        loss_sum, norm = 0.0, None
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for i, mb in enumerate(microbatches):
-                torch.manual_seed(dropout_seed(state.seed, state.step, i, self.rank))   # as train_step
-                ls, _ = self.engine(mb)
-                self.engine.backward(ls * scale)
-                if i == len(microbatches) - 1 and self.zero_stage == 0 and self.ds_config.get("bf16") is None \
-                        and self.ds_config.get("fp16") is None:   # plain torch optimizer: DeepSpeed keeps no norm
-                    norm = tree.global_norm([p.grad for p in self.engine.module.parameters() if p.grad is not None])
+        else:   # a user's DeepSpeed scheduler owns the lr
+            lr = self.engine.get_lr()[0]
+        norm, finite = None, True
+        if self._plain:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = tree.global_norm(grads)
+            finite = bool(torch.isfinite(norm))
+        if finite:
+            self.engine.step()
+        else:
+            torch._foreach_zero_(grads)   # DeepSpeed's clipping reads them
+            opt.step = lambda *a, **k: None   # this instance only, for this one call
+            try:
                 self.engine.step()
-                loss_sum = loss_sum + ls.detach().float()
-        if norm is None:   # a tensor or a Python number, as DeepSpeed keeps it: never read back here
+            finally:
+                del opt.step
+        if norm is None:   # a tensor or a Python number, as DeepSpeed keeps it
             norm = self.engine.get_global_grad_norm()
             norm = torch.as_tensor(float("nan") if norm is None else norm).detach().float().reshape(())
-        metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": norm,
-                   "lr": lr if self._own_lr else self.engine.get_lr()[0]}
-        if not self.engine.was_step_applied():   # fp16 overflow: DeepSpeed skipped the update, lowered the scale
-            metrics["skipped"] = 1
-        return state.replace(step=state.step + 1), metrics
+        return norm, finite and self.engine.was_step_applied(), lr
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, state, run_dir, keep=3, extra=None):
@@ -271,13 +300,27 @@ class DeepSpeedEngine(Runtime):
         meta = {**state.meta(), **(extra or {})}
         self.engine.save_checkpoint(staging, tag=f"global_step{state.step}", client_state={"torch_handle": meta})
         dist.barrier()   # every rank's shards are written
-        path = None
+        known = self._hash_own(staging)
         if self.is_main:
             files = {n: (lambda dst, src=os.path.join(staging, n): os.replace(src, dst)) for n in os.listdir(staging)}
-            path = checkpoint.save(state, run_dir, keep=keep, extra=extra, write_tensors=False, files=files)
+            checkpoint.save(state, run_dir, keep=keep, extra=extra, write_tensors=False, files=files, known=known)
             shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
-        return path
+        return checkpoint.step_dir(run_dir, state.step)   # on every rank: error messages name it alike
+
+    def _hash_own(self, staging: str) -> dict:
+        """Manifest entries, each rank hashing and fsyncing the shards it wrote (DeepSpeed names them
+        `zero_pp_rank_<rank>_...`) and rank 0 the rest, in parallel: a save costs one rank's files, not all."""
+        mine = {}
+        for dirpath, _, names in os.walk(staging):
+            for n in names:
+                owner = re.search(r"zero_pp_rank_(\d+)_", n)
+                if (int(owner.group(1)) if owner else 0) % self.world_size == self.rank:
+                    path = os.path.join(dirpath, n)
+                    mine[os.path.relpath(path, staging)] = checkpoint.file_entry(path)
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine)   # small: names, sizes, checksums
+        return {k: v for entries in every for k, v in entries.items()}
 
     def restore(self, state, paths):
         """Rank 0 picks the newest complete DeepSpeed checkpoint among `paths` (verified against its manifest;
@@ -318,7 +361,7 @@ class DeepSpeedEngine(Runtime):
             raise checkpoint.CheckpointError(f"{pick[0]}: DeepSpeed could not load it")
         with open(os.path.join(pick[0], "state.json")) as f:
             meta = json.load(f)
-        return self._view(state).with_meta(meta), meta, pick[0]
+        return self._view(state.with_meta(meta)), meta, pick[0]
 
     def _drop(self):
         if self.engine is not None:

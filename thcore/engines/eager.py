@@ -3,7 +3,7 @@ from .. import checkpoint
 from ..func import pick_device
 from ..step import train_step
 from . import use_tf32
-from .ddp import bind
+from ..func import bind
 
 
 class EagerEngine:
@@ -11,7 +11,7 @@ class EagerEngine:
     rank, world_size, is_main = 0, 1, True
 
     def __init__(self, cfg):
-        self.device = pick_device(cfg.device)
+        self.device = self.build_device = pick_device(cfg.device)   # params drawn straight onto the device
         self.resume = cfg.resume   # the wording of a failed resume
 
     def init(self, state):

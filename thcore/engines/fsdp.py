@@ -29,11 +29,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .. import checkpoint, shards, tree
+from .. import checkpoint, shards, tree, weights
 from ..config import ConfigError
 from ..step import loss_fn, train_step
 from . import use_tf32
-from .ddp import bind
+from ..func import bind, bind_buffers
 from .runtime import Runtime
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,12 +70,16 @@ class FSDPEngine(Runtime):
                      if replicate > 1 else init_device_mesh(self.device.type, (shard,), mesh_dim_names=("shard",)))
         self.model = self.params = None
 
+    build_device = "meta"   # the task builds the model without tensors; init draws each rank's shards
+
     def init(self, state):
         cfg = self.cfg
-        state = state.to(self.device)
+        meta = next(iter(state.params.values())).is_meta
+        if not meta:   # a state made whole (e.g. from Hugging Face weights): shard the state's tensors themselves
+            state = state.to(self.device)
+            bind(state.model, state.params, state.buffers)
         use_tf32(self.device)
         model = state.model
-        bind(model, state.params, state.buffers)   # shard the state's tensors themselves
         # the model's definition without tensors (meta): evaluation runs it over gathered params (eval_state)
         self._twin = copy.deepcopy(model, {id(p): nn.Parameter(p.to("meta"), p.requires_grad)
                                            for p in model.parameters()})
@@ -98,9 +102,15 @@ class FSDPEngine(Runtime):
                 block.compile()
         self.model = model
         self.params = dict(model.named_parameters())   # the sharded nn.Parameters: FSDP leaves .grad there
+        buffers = state.buffers
+        if meta:   # allocate this rank's shards only, then draw them: no rank ever holds the whole model
+            model.to_empty(device=self.device)
+            weights.fill_in(model, self.params, state.seed)
+            buffers = {k: b.to(self.device) for k, b in buffers.items()}
+            bind_buffers(model, buffers)
         # the state holds the same DTensors without the autograd leaf flag (the optimizer updates them in place)
         params = {k: p.detach() for k, p in self.params.items()}
-        return state.replace(params=params, opt_state=state.tx.init(params))
+        return state.replace(params=params, buffers=buffers, opt_state=state.tx.init(params))
 
     def _grads(self, state, microbatches, scale, seeds):
         """train_step's `grads_fn`: the sum over micro-batches of d(loss_sum * scale)/d(params), reduced over
@@ -151,16 +161,15 @@ class FSDPEngine(Runtime):
         entries = {f: checkpoint.file_entry(os.path.join(staging, f)) for f in mine}
         every = [None] * self.world_size
         dist.all_gather_object(every, (part, entries))   # small: names, row ranges, checksums
-        path = None
         if self.is_main:
             with open(os.path.join(staging, shards.INDEX), "w") as f:
                 json.dump(shards.merge([p for p, _ in every]), f, indent=1)
             files = {n: (lambda dst, src=os.path.join(staging, n): os.replace(src, dst)) for n in os.listdir(staging)}
-            path = checkpoint.save(state, run_dir, keep=keep, extra=extra, write_tensors=False, files=files,
+            checkpoint.save(state, run_dir, keep=keep, extra=extra, write_tensors=False, files=files,
                                    known={k: v for _, e in every for k, v in e.items()})
             shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
-        return path
+        return checkpoint.step_dir(run_dir, state.step)   # on every rank: error messages name it alike
 
     def _load(self, state, ckpt):
         """Each rank reads just its rows of every tensor (a sharded checkpoint of any world size, or the eager

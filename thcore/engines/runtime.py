@@ -72,6 +72,12 @@ class Runtime:
         self.backend, self.device = backend_and_device(cfg.device, self.local_rank)
         self._own_group = False
 
+    @property
+    def build_device(self):
+        """Where the task draws the initial params (thcore/weights.py: one at a time, straight to this rank's
+        device); an engine that places them itself says "meta" (FSDP) or "cpu" (DeepSpeed)."""
+        return self.device
+
     def start(self, bind_device: bool = True):
         """The process group; `bind_device`: tell NCCL this rank's GPU up front (DeepSpeed binds it itself)."""
         cuda = self.device.type == "cuda"

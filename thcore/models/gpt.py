@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import attention, merge_heads, split_heads
+from .layers import attention, init_in_place, merge_heads, split_heads
 
 GPT_PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -130,19 +130,24 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, rows, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying; listed once, as transformer.wte.weight
 
-        # GPT-2 init: N(0, 0.02), zero biases; residual projections scaled by 1/sqrt(2 * n_layer) so the
-        # residual stream's variance does not grow with depth
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        self.n_layer = n_layer
+        init_in_place(self)
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_spec(self, name: str, shape) -> tuple:
+        """GPT-2 init of parameter `name` (models/layers.py: sample): N(0, 0.02) weights, zero biases, LayerNorm
+        1 and 0; residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not
+        grow with depth."""
+        owner, _, leaf = name.rpartition(".")
+        if isinstance(self.get_submodule(owner), nn.LayerNorm):
+            return ("const", 1.0 if leaf == "weight" else 0.0)
+        if leaf == "bias":
+            return ("const", 0.0)
+        # Linear and Embedding weights
+        return ("normal", 0.02 / math.sqrt(2 * self.n_layer) if name.endswith("c_proj.weight") else 0.02)
+
+    def init_buffers(self, device) -> dict:
+        """The buffers a meta-built model needs made (GPT has none)."""
+        return {}
 
     @classmethod
     def from_preset(cls, name, **overrides):

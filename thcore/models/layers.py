@@ -9,6 +9,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def sample(spec: tuple, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill `t` in place as a model's `init_spec` says: ("normal", std), ("uniform", bound) or ("const", value).
+    thcore/weights.py draws each parameter from its own generators; a model's constructor uses the global RNG."""
+    kind, a = spec
+    if kind == "normal":
+        return nn.init.normal_(t, 0.0, a, generator=generator)
+    if kind == "uniform":
+        return nn.init.uniform_(t, -a, a, generator=generator)
+    if kind == "const":
+        return nn.init.constant_(t, a)
+    raise ValueError(f"init spec {spec!r}: kind must be normal, uniform or const")
+
+
+def init_in_place(model: nn.Module) -> None:
+    """Every parameter of `model` drawn as its `init_spec` says, from the global RNG (a constructor's init)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sample(model.init_spec(name, p.shape), p)
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     """The fixed sin/cos table of "Attention is all you need" (section 3.5), added to the embeddings.
 
@@ -17,13 +37,18 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_len: int = 5000):
         super().__init__()
-        self.max_len = max_len
-        pos = torch.arange(max_len, dtype=torch.float32)[:, None]
-        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, d_model)
+        self.d_model, self.max_len = d_model, max_len
+        self.register_buffer("pe", self.table(None), persistent=False)
+
+    def table(self, device) -> torch.Tensor:
+        """The [max_len, d_model] table, made on `device` (None: the default one)."""
+        pos = torch.arange(self.max_len, dtype=torch.float32, device=device)[:, None]
+        inv_freq = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float32, device=device)
+                             * (-math.log(10000.0) / self.d_model))
+        pe = torch.zeros(self.max_len, self.d_model, device=device)
         pe[:, 0::2] = torch.sin(pos * inv_freq)
-        pe[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])  # d_model // 2 columns when D is odd
-        self.register_buffer("pe", pe, persistent=False)
+        pe[:, 1::2] = torch.cos(pos * inv_freq[: self.d_model // 2])  # d_model // 2 columns when D is odd
+        return pe
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = x.size(1)

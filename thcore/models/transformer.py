@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DecoderLayer, EncoderLayer, SinusoidalPositionalEncoding
+from .layers import DecoderLayer, EncoderLayer, SinusoidalPositionalEncoding, init_in_place
 
 
 class Transformer(nn.Module):
@@ -38,10 +38,25 @@ class Transformer(nn.Module):
                 raise ValueError(f"share_embeddings needs one vocabulary: sizes {src_vocab_size} != {tgt_vocab_size}")
             self.src_embed.weight = self.tgt_embed.weight
 
-        # Xavier-uniform for every matrix, as the reference implementations (tensor2tensor, Annotated Transformer)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        init_in_place(self)
+
+    def init_spec(self, name: str, shape) -> tuple:
+        """The init of parameter `name` (models/layers.py: sample): Xavier-uniform for every matrix, as the
+        reference implementations (tensor2tensor, Annotated Transformer); torch's defaults otherwise (Linear
+        biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm 1 and 0)."""
+        owner, _, leaf = name.rpartition(".")
+        module = self.get_submodule(owner)
+        if len(shape) == 2:   # [fan_out, fan_in]
+            return ("uniform", math.sqrt(6.0 / (shape[0] + shape[1])))
+        if isinstance(module, nn.LayerNorm):
+            return ("const", 1.0 if leaf == "weight" else 0.0)
+        if isinstance(module, nn.Linear):
+            return ("uniform", 1 / math.sqrt(module.in_features))
+        raise ValueError(f"{name}: no init rule for a {type(module).__name__} parameter of shape {tuple(shape)}")
+
+    def init_buffers(self, device) -> dict:
+        """The buffers a meta-built model needs made: the sinusoidal table."""
+        return {"pos.pe": self.pos.table(device)}
 
     def _run(self, layer, *args):
         # recompute the block in backward instead of keeping its activations; non-reentrant keeps the RNG state
