@@ -441,6 +441,6 @@ def test_a_model_that_inits_itself_builds_whole_but_not_on_meta():
     build = lambda: torch.nn.Sequential(torch.nn.Linear(3, 2))   # noqa: E731
     a, b = init_state(build, seed=5), init_state(build, seed=5)
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
-    with pytest.raises(ConfigError, match=r"Sequential: building on the meta device \(engine='fsdp'\) needs the "
-                                          r"model to say how each parameter is drawn: init_spec"):
+    with pytest.raises(ConfigError, match=r"Sequential: building on the meta device \(engines fsdp and deepspeed\) "
+                                          r"needs the model to say how each parameter is drawn: init_spec"):
         init_state(build, device="meta")

@@ -54,9 +54,9 @@ def build(model_fn, seed: int, device) -> tuple[nn.Module, dict, dict]:
         model = model_fn()
     if not hasattr(model, "init_spec"):   # a model that inits itself: built for real under the seed
         if meta:
-            raise ConfigError(f"{type(model).__name__}: building on the meta device (engine='fsdp') needs the model "
-                              "to say how each parameter is drawn: init_spec(name, shape) and init_buffers(device) "
-                              "(see GPT, Transformer)")
+            raise ConfigError(f"{type(model).__name__}: building on the meta device (engines fsdp and deepspeed) "
+                              "needs the model to say how each parameter is drawn: init_spec(name, shape) and "
+                              "init_buffers(device) (see GPT, Transformer)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_fn()

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import checkpoint, tree
+from .. import checkpoint, tree, weights
 from ..config import ConfigError
 from ..func import bind
 from ..optim import _groups
@@ -184,7 +184,9 @@ class DeepSpeedEngine(Runtime):
             print(f"deepspeed config{' (' + cfg.deepspeed_config + ')' if cfg.deepspeed_config else ''}: "
                   f"{json.dumps(self.ds_config, sort_keys=True)}", file=sys.stderr)
 
-    build_device = "cpu"   # DeepSpeed moves (and at ZeRO-3 partitions) the module itself
+    # the task builds without tensors (nor AdamW moments: DeepSpeed keeps its own); init draws the params once, on
+    # the host, and DeepSpeed moves (at ZeRO-3 partitions) them
+    build_device = "meta"
 
     @property
     def zero_stage(self) -> int:
@@ -194,6 +196,9 @@ class DeepSpeedEngine(Runtime):
         import deepspeed
         use_tf32(self.device)
         model = state.model
+        if next(iter(state.params.values())).is_meta:
+            state = state.replace(params={k: weights.draw_rows(model, k, p.shape, p.dtype, state.seed)
+                                          for k, p in state.params.items()}, opt_state={})
         bind(model, state.params, state.buffers)   # DeepSpeed trains the state's own tensors
         # the model's definition without tensors (on the meta device): ZeRO-3 evaluates through it (eval_state)
         self._twin = copy.deepcopy(model, {id(t): nn.Parameter(t.to("meta"), t.requires_grad) if
