@@ -200,6 +200,8 @@ class DeepSpeedEngine(Runtime):
             state = state.replace(params={k: weights.draw_rows(model, k, p.shape, p.dtype, state.seed)
                                           for k, p in state.params.items()}, opt_state={})
         bind(model, state.params, state.buffers)   # DeepSpeed trains the state's own tensors
+        # and only the module holds them: ZeRO-3 partitions them in place, and the whole ones can then go
+        state = state.replace(params={}, opt_state={})
         # the model's definition without tensors (on the meta device): ZeRO-3 evaluates through it (eval_state)
         self._twin = copy.deepcopy(model, {id(t): nn.Parameter(t.to("meta"), t.requires_grad) if
                                            isinstance(t, nn.Parameter) else t.to("meta")
