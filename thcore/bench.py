@@ -161,7 +161,8 @@ def ours_runner(build, batch, opts, cfg, lr, weight_decay, impl):
     if cfg.engine != "eager":
         _single_process_env()
     engine = make_engine(cfg)
-    state = init_state(build, _optimizer(cfg, weight_decay, impl), seed=0, lr=lr, options=opts)
+    state = init_state(build, _optimizer(cfg, weight_decay, impl), seed=0, lr=lr, options=opts,
+                       device=engine.build_device)
     holder = {"state": engine.init(state)}
     micro = [batch]
 
