@@ -165,7 +165,8 @@ def test_hvp_equals_finite_differences_of_gradients(data, which):
 
 def test_top_hessian_eigenvalue_matches_the_explicit_hessian():
     build, batches = gpt(n_embd=4, vocab=8)   # 300 params: an explicit 300 x 300 Hessian
-    state = double(init_state(build, seed=0))
+    # seed 3: an init whose most negative eigenvalue has the largest magnitude (seeds 3, 7, 8, 10, 11 of 0-11 are)
+    state = double(init_state(build, seed=3))
     batch = {k: v[:4] for k, v in batches[0].items()}
     names = list(state.params)
     sizes = [state.params[k].numel() for k in names]
