@@ -10,7 +10,8 @@ from thcore.translate import load
 
 task, state, _ = load(sys.argv[1], device="cpu", splits=("test",))
 engine = make_engine(attrs.evolve(task.cfg, engine="ddp"))
-scores = task.evaluate(state, engine, "test")
+scores = task.evaluate(state, "test", reduce_sum=engine.reduce_sum, rank=engine.rank,
+                       world_size=engine.world_size)
 if engine.rank == 0:
     print(json.dumps({**scores, **task.signatures}))
 engine.close()

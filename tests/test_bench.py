@@ -88,8 +88,7 @@ def test_profiler_on_a_cpu_run(tmp_path, char_data):
                                "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0,
                                "batch_size": 8, "max_steps": 8, "log_every": 4, "eval_iters": 2, "eval_every": 0,
                                "profile": True, "profile_steps": 4})
-    said = []
-    fit(cfg, LMTask(cfg), EagerEngine(cfg), log=said.append)
+    fit(cfg, LMTask(cfg), EagerEngine(cfg))
     prof = tmp_path / "run" / "profile"
     tb = list((prof / "tb").glob("*.pt.trace.json"))   # TensorBoard profiler plugin layout
     assert len(tb) == 1

@@ -47,7 +47,7 @@ def torchrun(out, *launch, recipe=RECIPE, nproc=2, check=True, base=RUN, **kw):
 def eager(out, **kw):
     """The same run in this process on the eager engine (world size 1)."""
     cfg = tiny_config(out, **{**RUN, "out_dir": str(out), **kw})
-    return fit(cfg, TranslationTask(cfg), EagerEngine(cfg), log=lambda *a, **k: None)
+    return fit(cfg, TranslationTask(cfg), EagerEngine(cfg))
 
 
 def params(run, step=STEPS):

@@ -155,7 +155,7 @@ def worker(spec_path: str, out: str):
             engine = DeepSpeedEngine(cfg)
             task = mod.build(cfg) if poison is None else _poison_at(mod.build(cfg), poison, cfg.grad_accum)
             try:
-                fit(cfg, _stop_after(task, stop) if attempt == 0 else task, engine, log=lambda *a, **k: None)
+                fit(cfg, _stop_after(task, stop) if attempt == 0 else task, engine)
             except Interrupted:
                 pass
             report[name] = {"optimizer": type(engine.engine.basic_optimizer).__name__,
@@ -250,7 +250,7 @@ def eager_runs(tmp_path_factory):
     def get(name, **kw):
         if name not in done:
             cfg, mod = configure(SINGLE, **kw, out_dir=str(root / name))
-            fit(cfg, mod.build(cfg), EagerEngine(cfg), **QUIET)
+            fit(cfg, mod.build(cfg), EagerEngine(cfg))
             done[name] = cfg.run_dir
         return done[name]
     return get
@@ -406,7 +406,7 @@ def test_export_then_eager_eval_gives_the_same_val_loss(ds_runs, world, run, tmp
     kw.update(out_dir=str(tmp_path / "eager"), resume=str(export), precision="fp32")
     Config, Task = (LMConfig, LMTask) if run == "gpt" else (TranslationConfig, TranslationTask)
     cfg = from_dict(Config, kw)
-    state = fit(cfg, Task(cfg, **QUIET), EagerEngine(cfg), **QUIET)
+    state = fit(cfg, Task(cfg, **QUIET), EagerEngine(cfg))
     assert state.step == ds_cfg["max_steps"] and state.params.keys() == load_file(export / "model.safetensors").keys()
     # bf16 trains bf16 weights (fp32 masters); the eager eval runs the fp32 masters: same model, other rounding
     rtol = 2e-2 if ds_cfg["precision"] == "bf16" else 1e-5

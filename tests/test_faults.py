@@ -40,7 +40,6 @@ from thcore.tasks.translation import TranslationConfig, TranslationTask
 
 RECIPE = os.path.join(ROOT, "tests", "fault_recipe.py")
 MULTINODE = os.path.join(ROOT, "launchers", "multinode.py")
-QUIET = dict(log=lambda *a, **k: None)
 SMALL_EVAL = dict(demo_valid_size=8, demo_test_size=8)   # the final evals decode: keep them short
 
 
@@ -123,7 +122,7 @@ def poison_at(task, step):
 def test_skip_policy_counts_the_step_and_keeps_the_logged_loss_finite(tiny, monkeypatch):
     monkeypatch.setattr(step_mod, "loss_fn", poisoned(step_mod.loss_fn))
     cfg = tiny(max_steps=10, log_every=5, **SMALL_EVAL)
-    state = fit(cfg, poison_at(TranslationTask(cfg), 3), EagerEngine(cfg), **QUIET)
+    state = fit(cfg, poison_at(TranslationTask(cfg), 3), EagerEngine(cfg))
     rows = train_rows(cfg.run_dir)
     assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(5, 1.0), (10, 0.0)]
     assert all(r["loss"] is not None and 0 < r["loss"] < 100 for r in rows)
@@ -148,7 +147,7 @@ def test_stop_policy_saves_the_last_good_state_and_exits_naming_the_step(tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as the run above (OMP_NUM_THREADS=1): the same kernels, so the same bits
     try:
-        fit(cfg, mod.build(cfg), EagerEngine(cfg), **QUIET)
+        fit(cfg, mod.build(cfg), EagerEngine(cfg))
     finally:
         torch.set_num_threads(threads)
     for name in ("model.safetensors", "optimizer.safetensors"):
@@ -173,7 +172,7 @@ def test_out_of_memory_names_the_step_and_the_remedies_and_keeps_the_checkpoint(
                 raise OOMS[kind]
             return super().step(state, batch)
     with pytest.raises(faults.TrainingAborted) as e:
-        fit(cfg, TranslationTask(cfg), OutOfMemory(cfg), **QUIET)
+        fit(cfg, TranslationTask(cfg), OutOfMemory(cfg))
     msg, root = str(e.value), checkpoint.root_of(cfg.run_dir)
     assert "\n" not in msg and msg.startswith("out of memory in step 8 (")
     remedies = ["--batch_size=8 --grad_accum=2", "--activation_checkpointing=True", "--zero_stage", "--offload=cpu"]
@@ -182,22 +181,22 @@ def test_out_of_memory_names_the_step_and_the_remedies_and_keeps_the_checkpoint(
     checkpoint.verify(os.path.join(root, "step_5"))
     assert sorted(os.listdir(root)) == ["latest", "step_5"]
     if kind == "cuda":
-        state = fit(cfg, TranslationTask(cfg), EagerEngine(cfg), **QUIET)   # the same command resumes from it
+        state = fit(cfg, TranslationTask(cfg), EagerEngine(cfg))   # the same command resumes from it
         assert state.step == 12
 
 
 def test_checkpoint_every_s_saves_by_the_clock(tiny, monkeypatch):
     """A fake clock that advances 1 s per step: checkpoint_every_s=3 saves at steps 3, 6, 9 (and the last)."""
-    import thcore.loop
+    import thcore.parts
     clock = [0.0]
-    monkeypatch.setattr(thcore.loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(thcore.parts.time, "monotonic", lambda: clock[0])
 
     class OneSecondSteps(EagerEngine):
         def step(self, state, batch):
             clock[0] += 1.0
             return super().step(state, batch)
     cfg = tiny(max_steps=10, checkpoint_every_s=3, keep_checkpoints=10, **SMALL_EVAL)
-    fit(cfg, TranslationTask(cfg), OneSecondSteps(cfg), **QUIET)
+    fit(cfg, TranslationTask(cfg), OneSecondSteps(cfg))
     assert sorted(os.listdir(checkpoint.root_of(cfg.run_dir))) == ["latest", "step_10", "step_3", "step_6", "step_9"]
 
 
@@ -550,7 +549,7 @@ def test_an_eager_run_with_max_restarts_is_supervised_by_torchrun(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        state = fit(cfg, mod.build(cfg), EagerEngine(cfg), **QUIET)
+        state = fit(cfg, mod.build(cfg), EagerEngine(cfg))
     finally:
         torch.set_num_threads(threads)
     got = load_file(os.path.join(cut, "checkpoints", "step_20", "model.safetensors"))

@@ -102,7 +102,7 @@ def counted_fit(cfg, counter):
         counter.on = True
         return out
     engine.step = counting_step
-    state = fit(cfg, task, engine, log=lambda *a, **k: None)
+    state = fit(cfg, task, engine)
     counter.on = False
     return state, steps
 
@@ -393,7 +393,7 @@ def test_gpu_fit_loop_syncs_once_per_log_step(tmp_path, char_data):
         task.evaluate = lambda *a, **k: {}
         engine.save = lambda *a, **k: None
         try:
-            fit(cfg, task, engine, log=lambda *a, **k: None)
+            fit(cfg, task, engine)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -424,10 +424,10 @@ def test_gpu_resume_is_bitwise_the_uninterrupted_run(tmp_path, char_data):
     assert torch.are_deterministic_algorithms_enabled()
     quiet = dict(log=lambda *a, **k: None)
     ref_cfg = lm_cfg(tmp_path, char_data, device="cuda", out_dir=str(tmp_path / "ref"), max_steps=8)
-    ref = fit(ref_cfg, LMTask(ref_cfg, **quiet), EagerEngine(ref_cfg), **quiet)
+    ref = fit(ref_cfg, LMTask(ref_cfg, **quiet), EagerEngine(ref_cfg))
     for steps in (4, 8):
         cfg = lm_cfg(tmp_path, char_data, device="cuda", out_dir=str(tmp_path / "cut"), max_steps=steps)
-        cut = fit(cfg, LMTask(cfg, **quiet), EagerEngine(cfg), **quiet)
+        cut = fit(cfg, LMTask(cfg, **quiet), EagerEngine(cfg))
     assert cut.step == 8 and all(torch.equal(ref.params[k], cut.params[k]) for k in ref.params)
 
 

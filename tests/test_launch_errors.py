@@ -256,7 +256,7 @@ def gpt_run(tmp_path_factory):
     cfg = from_dict(LMConfig, {"name": "g", "out_dir": str(out), "data_dir": data, "n_layer": 1, "n_head": 2,
                                "n_embd": 16, "block_size": 16, "dropout": 0.0, "batch_size": 8, "max_steps": 20,
                                "eval_every": 10, "eval_iters": 2, "log_every": 10, "always_save_checkpoint": True})
-    fit(cfg, LMTask(cfg), EagerEngine(cfg), log=lambda *a, **k: None)
+    fit(cfg, LMTask(cfg), EagerEngine(cfg))
     return str(out)
 
 

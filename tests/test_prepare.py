@@ -242,7 +242,7 @@ def test_prepared_run_has_the_losses_of_the_raw_run_and_resumes_reuse_it(tmp_pat
     for name, kw in (("raw", dict(data_dir=str(d))), ("prep", dict(prepared=str(tmp_path / "p")))):
         cfg = _cfg(tmp_path / name, **common, **kw)
         task = TranslationTask(cfg, log=lambda *a: None)
-        fit(cfg, task, EagerEngine(cfg), log=lambda *a, **k: None)
+        fit(cfg, task, EagerEngine(cfg))
         losses.append([r["loss"] for r in read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl")) if r["split"] == "train"])
     assert len(losses[0]) == 50 and losses[0] == losses[1]
     assert losses[0][-1] < losses[0][0] - 0.5   # measured: 6.64 -> 5.75

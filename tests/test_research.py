@@ -308,7 +308,7 @@ def test_fit_logs_probes_and_evaluates_the_ema(tiny, tmp_path):
     def run(**kw):   # constant lr after warm-up: runs of different lengths share their first steps
         cfg = tiny(log_every=5, eval_every=10, ema_decay=0.9, d_model=16, d_ff=32, demo_train_size=320,
                    demo_valid_size=16, demo_test_size=8, max_len=24, lr_schedule="constant", **kw)
-        return cfg, fit(cfg, TranslationTask(cfg), EagerEngine(cfg), log=lambda *a, **k: None)
+        return cfg, fit(cfg, TranslationTask(cfg), EagerEngine(cfg))
 
     cfg, state = run(max_steps=10, log_grad_noise=True, sharpness_every=10)
     rows = read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))

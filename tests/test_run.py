@@ -22,7 +22,7 @@ from thcore.tasks.translation import TranslationTask
 
 
 def train(cfg, task=None):
-    return fit(cfg, task or TranslationTask(cfg), EagerEngine(cfg), log=lambda *a, **k: None)
+    return fit(cfg, task or TranslationTask(cfg), EagerEngine(cfg))
 
 
 def tb_scalars(run_dir) -> set:

@@ -246,7 +246,7 @@ def test_time_budget_stops_with_a_checkpoint_and_test_scores(tmp_path):
     cfg = _cfg(tmp_path / "run", data_dir=d, tokenizer="bpe", vocab_size=500, joint_vocab=True, max_tokens=300,
                max_len=64, max_minutes=0.0001, max_steps=1000, log_every=2, lr_schedule="cosine")
     task = TranslationTask(cfg)
-    state = fit(cfg, task, EagerEngine(cfg), log=lambda *a, **k: None)
+    state = fit(cfg, task, EagerEngine(cfg))
     assert state.step == 2   # the first log step is past the budget
     meta = json.load(open(os.path.join(cfg.run_dir, "checkpoints", "step_2", "state.json")))
     assert meta["elapsed_s"] > 0

@@ -39,6 +39,7 @@ from .optim import AdamW, _groups, _impl
 from .profiler import Profiler, quiet_native_stderr
 from .state import StepOptions, init_state
 from .step import IGNORE, autocast, sdpa_backend
+from .tasks import Task
 
 PEERS = ("module", "hf", "eager")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -465,7 +466,7 @@ def _report(b, res, dev) -> dict:
 
 # -- --loop: the fit loop itself ------------------------------------------------------------------------
 
-class _SyntheticTask:
+class _SyntheticTask(Task):
     """The smallest task the fit loop runs: the bench's model and one fixed batch, no evaluation."""
 
     def __init__(self, build, batch, cfg):
@@ -487,12 +488,6 @@ class _SyntheticTask:
         while True:
             yield cpu
 
-    def evaluate(self, state, engine, split):
-        return {}
-
-    def save_assets(self, run_dir):
-        pass
-
 
 def loop_times(b: BenchConfig, cfg, build, batch) -> list:
     """ms per step of `fit` (the loop th.py run runs) over rounds x steps steps after one window of warm-up,
@@ -508,10 +503,9 @@ def loop_times(b: BenchConfig, cfg, build, batch) -> list:
         engine = make_engine(run)
         try:   # the loop's own lines go to stderr: stdout may be the JSON object
             with contextlib.redirect_stdout(sys.stderr):
-                fit(run, _SyntheticTask(build, batch, run), engine, log=lambda *a, **k: None)
+                fit(run, _SyntheticTask(build, batch, run), engine)
         finally:
-            if hasattr(engine, "close"):
-                engine.close()
+            engine.close()
         rows = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if r["split"] == "train"]
     tokens = b.batch_size * b.seq_len
     return [tokens / r["tokens_per_s"] * 1e3 for r in rows[1:]]   # the first window warms up

@@ -80,6 +80,8 @@ class Config:
     # schedule of the run
     max_steps: int = field(0, "optimizer steps; 0 = run `epochs` epochs", "optimisation", _non_negative)
     epochs: int = field(1, "passes over the training data (when max_steps = 0)", "optimisation", _positive)
+    max_minutes: float = field(0.0, "> 0: time budget of the run; the lr decay follows the time used",
+                               "optimisation", _non_negative)
     batch_size: int = field(32, "examples per device per micro-step", "data", _positive)
     grad_accum: int = field(1, "micro-steps per optimizer step", "optimisation", _positive)
     num_workers: int = field(0, "DataLoader worker processes (0 = batches built in the training process)", "data",
@@ -123,10 +125,14 @@ class Config:
                            _positive)
     eval_every: int = field(0, "steps between evaluations; 0 = at the end of each epoch", "logging/eval",
                             _non_negative)
+    early_stop_patience: int = field(0, "evals without a better val loss before stopping; 0 = off",
+                                     "logging/eval", _non_negative)
     wandb_project: str = field("", "also log to this Weights & Biases project (extra [wandb]; WANDB_MODE=offline "
                                "works without a network); '' = off", "logging/eval")
     checkpoint_every: int = field(0, "steps between checkpoints; 0 = at evals and at the end",
                                   "checkpoints/faults", _non_negative)
+    always_save_checkpoint: bool = field(True, "False: eval steps save only when val loss improves (nanoGPT)",
+                                         "checkpoints/faults")
     keep_checkpoints: int = field(3, "newest checkpoints kept (the best one is kept as well)", "checkpoints/faults",
                                   _positive)
     resume: str = field("auto", "auto (the run dir's latest checkpoint) | never | PATH to a run dir or checkpoint",

@@ -5,8 +5,6 @@ which updates `params` and `opt_state` in place with `torch.optim.adamw.adamw` /
 equal to `torch.optim.AdamW` / `SGD`). Weight decay applies to matrices only (dim >= 2), as in nanoGPT.
 """
 import math
-import time
-from typing import Callable
 
 import attrs
 import torch
@@ -118,59 +116,52 @@ def make_optimizer(cfg):
     return SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay, impl=impl)
 
 
-def schedule(kind: str, lr: float, warmup_steps: int = 0, total_steps: int = 0,
-             min_lr_ratio: float = 0.1) -> Callable[[int], float]:
-    """lr at optimizer step `s` (0-based): linear warmup, then constant / cosine / linear / inverse-sqrt."""
-    min_lr = lr * min_lr_ratio
+@attrs.frozen(kw_only=True)
+class Schedule:
+    """The learning rate at optimizer step `s` (0-based): linear warmup, then constant / cosine / linear /
+    inverse-sqrt. A pure function of the step and of `elapsed_s`, the training time the ranks agreed on, which the
+    time budget passes in (`at`) so that every rank computes the same rate.
 
-    def at(s: int) -> float:
-        if s < warmup_steps:
-            return lr * (s + 1) / warmup_steps
-        if kind == "constant":
+    With a time budget (`budget_s` > 0) cosine and linear decay over the larger of the fraction of steps and the
+    fraction of the budget used, so the rate reaches its floor when the time runs out on any machine; such a run
+    depends on the machine's speed and is not bitwise reproducible. constant and inverse_sqrt ignore the time."""
+    kind: str
+    lr: float
+    warmup_steps: int = 0
+    total_steps: int = 0
+    min_lr_ratio: float = 0.1
+    budget_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    def at(self, elapsed_s: float) -> "Schedule":
+        return attrs.evolve(self, elapsed_s=float(elapsed_s))
+
+    def __call__(self, s: int) -> float:
+        lr, warmup = self.lr, self.warmup_steps
+        if self.budget_s and self.kind in ("cosine", "linear"):   # warmup over steps, decay over the larger fraction
+            frac = max(min(self.elapsed_s / self.budget_s, 1.0), min(s / max(self.total_steps, 1), 1.0))
+            return self._decayed(frac) * min(1.0, (s + 1) / warmup) if warmup else self._decayed(frac)
+        if s < warmup:
+            return lr * (s + 1) / warmup
+        if self.kind == "constant":
             return lr
-        if kind == "inverse_sqrt":   # the paper's schedule, scaled so that it peaks at `lr`
-            return lr * math.sqrt(max(warmup_steps, 1) / (s + 1))
-        span = max(total_steps - warmup_steps, 1)
-        frac = min((s - warmup_steps) / span, 1.0)
-        if kind == "linear":
+        if self.kind == "inverse_sqrt":   # the paper's schedule, scaled so that it peaks at `lr`
+            return lr * math.sqrt(max(warmup, 1) / (s + 1))
+        return self._decayed(min((s - warmup) / max(self.total_steps - warmup, 1), 1.0))
+
+    def _decayed(self, frac: float) -> float:
+        lr, min_lr = self.lr, self.lr * self.min_lr_ratio
+        if self.kind == "linear":
             return lr - (lr - min_lr) * frac
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))   # cosine
-    return at
 
 
-class Clock:
-    """Wall-clock seconds a run has trained, across resumes (the loop saves `elapsed()` in state.json and hands
-    it back to `resume`), against a budget of `budget_s` seconds.
-
-    Schedules read `agreed`, the elapsed time the loop sets at log steps (averaged over ranks): every rank
-    then computes the same learning rate, and DDP replicas stay equal."""
-
-    def __init__(self, budget_s: float):
-        self.budget_s, self.offset, self.t0, self.agreed = budget_s, 0.0, time.perf_counter(), 0.0
-
-    def resume(self, elapsed: float):
-        self.offset, self.t0, self.agreed = float(elapsed), time.perf_counter(), float(elapsed)
-
-    def elapsed(self) -> float:
-        return self.offset + time.perf_counter() - self.t0
-
-    def fraction(self) -> float:
-        return min(self.agreed / self.budget_s, 1.0)
+def schedule(kind: str, lr: float, warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.1,
+             budget_s: float = 0.0) -> Schedule:
+    return Schedule(kind=kind, lr=lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                    min_lr_ratio=min_lr_ratio, budget_s=budget_s)
 
 
-def timed_schedule(kind: str, lr: float, warmup_steps: int, total_steps: int, clock: Clock,
-                   min_lr_ratio: float = 0.1) -> Callable[[int], float]:
-    """`schedule` for a run bounded by a time budget: linear warmup over steps, then cosine / linear decay over
-    the larger of the fraction of steps and the fraction of `clock`'s budget done, so the learning rate reaches
-    its floor when the time runs out on any machine. The rate then depends on the machine's speed: such a run
-    is not bitwise reproducible. constant and inverse_sqrt do not look at the clock."""
-    by_step = schedule(kind, lr, warmup_steps, total_steps, min_lr_ratio)
-    if kind not in ("cosine", "linear"):
-        return by_step
-    min_lr = lr * min_lr_ratio
-
-    def at(s: int) -> float:
-        frac = max(clock.fraction(), min(s / max(total_steps, 1), 1.0))
-        decayed = min_lr + (lr - min_lr) * (1 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac)))
-        return decayed * min(1.0, (s + 1) / warmup_steps) if warmup_steps else decayed
-    return at
+def run_schedule(cfg, total_steps: int) -> Schedule:
+    """The schedule a run config asks for (`max_minutes` > 0: decay over the time budget too)."""
+    return schedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.max_minutes * 60)

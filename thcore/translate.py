@@ -9,7 +9,6 @@ vocabularies and the checkpoint (the latest unless --checkpoint names 'best' or 
 import json
 import os
 import sys
-import types
 
 import torch
 
@@ -70,9 +69,8 @@ def eval_main(run_dir: str, split: str = "test", beam: int = 0, checkpoint: str 
     task, state, ckpt = load(run_dir, checkpoint, device, splits=(split,))
     if split not in task.data:
         raise ConfigError(f"split={split!r}: the run has no {split} files ({split}_src / {split}_tgt)")
-    engine = types.SimpleNamespace(rank=0, world_size=1, device=state_device(state), reduce_sum=lambda t: t)
     beam = beam or (task.cfg.test_beam if split == "test" else task.cfg.eval_beam)
-    res = task.evaluate(state, engine, split, beam=beam)
+    res = task.evaluate(state, split, beam=beam)
     print(json.dumps({"checkpoint": ckpt, "split": split, "beam": beam, "sentences": len(task.data[split]),
                       **{k: round(v, 4) for k, v in res.items()}, **task.signatures}))
 

@@ -1,5 +1,6 @@
 """Deterministic, resumable batching: the order of epoch `e` is a function of (seed, e) alone, so a run
 resumed at micro-batch `start` of an epoch sees exactly the batches the uninterrupted run saw."""
+import attrs
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
@@ -40,6 +41,40 @@ def device_batches(batches, device):
                 return
             batch = to_device(batch, device)
         yield batch
+
+
+@attrs.frozen
+class StepBatch:
+    """The micro-batches of one optimizer step and where they sit in the data."""
+    micro: list
+    epoch: int
+    before: dict   # the data cursor {"epoch", "index"} before them
+    after: dict    # ... after them: after an epoch's last step, the next epoch's start
+
+    @property
+    def epoch_end(self) -> bool:
+        return self.after["epoch"] != self.epoch
+
+
+def step_batches(task, engine, grad_accum: int, cursor: dict):
+    """Every optimizer step's micro-batches (StepBatch) from the data cursor on, on the engine's device, across
+    epochs for as long as it is asked. An epoch's micro-batches that do not fill a last step are left out."""
+    per_epoch = task.batches_per_epoch(engine.world_size) // grad_accum * grad_accum
+    epoch, index = cursor["epoch"], cursor["index"]
+    while True:
+        group = []
+        for batch in device_batches(task.train_loader(epoch, index, engine), engine.device):
+            group.append(batch)
+            if len(group) < grad_accum:
+                continue
+            before, index = {"epoch": epoch, "index": index}, index + grad_accum
+            done = index >= per_epoch
+            after = {"epoch": epoch + 1, "index": 0} if done else {"epoch": epoch, "index": index}
+            yield StepBatch(group, epoch, before, after)
+            group = []
+            if done:
+                break
+        epoch, index = epoch + 1, 0
 
 
 def token_batches(sizes, max_tokens: int, epoch: int, seed: int, rank: int = 0, world: int = 1,

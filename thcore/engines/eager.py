@@ -4,11 +4,11 @@ from ..func import pick_device
 from ..step import train_step
 from . import use_tf32
 from ..func import bind
+from .runtime import Engine
 
 
-class EagerEngine:
+class EagerEngine(Engine):
     name = "eager"
-    rank, world_size, is_main = 0, 1, True
 
     def __init__(self, cfg):
         self.device = self.build_device = pick_device(cfg.device)   # params drawn straight onto the device
@@ -24,17 +24,8 @@ class EagerEngine:
     def step(self, state, batch):
         return train_step(state, batch, donate=True)
 
-    def reduce_sum(self, t):
-        return t
-
     def save(self, state, run_dir, keep=3, extra=None):
         return checkpoint.save(state, run_dir, keep=keep, extra=extra)
 
     def restore(self, state, paths):
         return checkpoint.restore(state, paths, resume=self.resume)
-
-    def barrier(self):
-        pass
-
-    def close(self):
-        pass

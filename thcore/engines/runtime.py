@@ -1,7 +1,9 @@
 """What every multi-process engine (ddp, fsdp, deepspeed) shares, written once: torchrun's environment, the
 device of this rank, the process group (with the store keys of each restart attempt apart), rank and world
 size, the sum over ranks, and the tear-down. An engine subclasses Runtime and adds how it computes and reduces
-gradients and where it holds the state."""
+gradients and where it holds the state. `Engine` is the protocol every engine (eager included) follows, with the
+defaults most of them keep."""
+import contextlib
 import datetime
 import gc
 import os
@@ -10,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..func import pick_device
+from ..func import num_params, pick_device
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 LAUNCH_HINT = ("launch it with torchrun: `python th.py run RECIPE` starts torchrun for you (one process per GPU, "
@@ -59,7 +61,28 @@ def backend_and_device(device: str, local_rank: int) -> tuple[str, torch.device]
     return "gloo", torch.device("cpu")
 
 
-class Runtime:
+class Engine:
+    """What the fit loop calls on an engine (docs/ARCHITECTURE.md, "The engine protocol"). Subclasses define
+    init, step, save and restore; the rest has these defaults (one process, whole params)."""
+    name = ""
+    rank, world_size, is_main = 0, 1, True
+    device = torch.device("cpu")
+
+    def reduce_sum(self, t):
+        return t
+
+    def eval_state(self, state):
+        """The state evaluation and decoding see (engines whose params are partitioned gather them here)."""
+        return contextlib.nullcontext(state)
+
+    def num_params(self, state) -> int:
+        return num_params(state.params)
+
+    def close(self, clean: bool = True):
+        pass
+
+
+class Runtime(Engine):
     """One rank of a torchrun job. `start()` joins (or creates) the process group once the engine's own checks
     have passed; `close()` leaves it."""
 
@@ -93,9 +116,6 @@ class Runtime:
         t = t.clone()
         dist.all_reduce(t)
         return t
-
-    def barrier(self):
-        dist.barrier()
 
     def _drop(self):
         """The engine's objects that use the process group (DDP's reducer, DeepSpeed's engine), let go first."""

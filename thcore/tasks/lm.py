@@ -24,6 +24,7 @@ from ..interop import hf_gpt2
 from ..models.gpt import GPT, padded_vocab
 from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
+from . import Task, eval_device, same
 
 TRAIN_ESTIMATE = 2   # stream tag of the train-loss estimate's batches (training draws with data.TRAIN)
 BPE_MULTIPLE = 64   # vocab_multiple=0 pads GPT-2 BPE vocabularies to this (50257 -> 50304, as nanoGPT)
@@ -56,10 +57,6 @@ class LMConfig(Config):
     # where to start: "" = random init; a Hugging Face GPT-2 dir, a run dir or a checkpoint dir (fresh optimizer)
     init_from: str = field("", "start from these weights: a Hugging Face GPT-2 dir, a run dir or a checkpoint "
                                "(fresh optimizer)", "model")
-    early_stop_patience: int = field(0, "evals without a better val loss before stopping; 0 = off",
-                                     "logging/eval", _non_negative)
-    always_save_checkpoint: bool = field(True, "False: eval steps save only when val loss improves (nanoGPT)",
-                                         "checkpoints/faults")
     # optimizer and schedule: nanoGPT's
     lr: float = 1e-3
     beta2: float = 0.99
@@ -81,7 +78,7 @@ class LMConfig(Config):
             raise ConfigError("data_dir: required (a directory made by `python th.py prepare`), or give datasets")
 
 
-class LMTask:
+class LMTask(Task):
     """Data, model definition and evaluation for one LM config."""
 
     def __init__(self, cfg: LMConfig, log=print):
@@ -159,7 +156,7 @@ class LMTask:
         init_from = c.init_from and not checkpoint.resolve(c.resume, c.run_dir)   # resuming: the checkpoint wins
         state = init_state(self.build_model, optim.make_optimizer(c), seed=c.seed,
                            device="cpu" if init_from and torch.device(device).type == "meta" else device,
-                           lr=optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio),
+                           lr=optim.run_schedule(c, total_steps),
                            options=StepOptions(precision=c.precision, clip_grad=c.clip_grad,
                                               label_smoothing=c.label_smoothing, **speed_options(c)))
         if init_from:   # Hugging Face's weights, whole: an engine that builds on meta shards them instead
@@ -183,20 +180,21 @@ class LMTask:
             yield self.train.batch(c.batch_size, data.seed_of(c.seed, data.TRAIN, epoch, i, engine.rank))
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    def evaluate(self, state, engine, split: str = "valid") -> dict:
+    def evaluate(self, state, split: str = "valid", *, reduce_sum=same, rank: int = 0, world_size: int = 1,
+                 device=None) -> dict:
         """Val loss (and ppl) and a train-loss estimate, each over the same `eval_iters` batches every time
         (so evals compare like with like), split over ranks and summed: every rank calls reduce_sum once."""
         if split != "valid":
             return {}
-        c = self.cfg
-        sums = torch.zeros(4, dtype=torch.float64, device=engine.device)   # val loss, tokens; train loss, tokens
-        for i in range(engine.rank, c.eval_iters, engine.world_size):
+        c, device = self.cfg, eval_device(state, device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)   # val loss, tokens; train loss, tokens
+        for i in range(rank, c.eval_iters, world_size):
             for j, (mix, tag) in enumerate(((self.val, data.VAL), (self.train, TRAIN_ESTIMATE))):
-                batch = to_device(mix.batch(c.batch_size, data.seed_of(c.seed, tag, i)), engine.device)
+                batch = to_device(mix.batch(c.batch_size, data.seed_of(c.seed, tag, i)), device)
                 loss_sum, ntok = eval_step(state, batch)
                 sums[2 * j] += loss_sum.double()
                 sums[2 * j + 1] += ntok.double()
-        val_loss, val_tok, train_loss, train_tok = engine.reduce_sum(sums).tolist()
+        val_loss, val_tok, train_loss, train_tok = reduce_sum(sums).tolist()
         loss = val_loss / max(val_tok, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "train_loss": train_loss / max(train_tok, 1)}
 

@@ -6,6 +6,7 @@ import attrs
 import torch
 
 from .. import decode, optim
+from . import Task, eval_device, same
 from ..config import Config, ConfigError, PeerFailed, _choice, _non_negative, _positive, _unit, field
 from ..data import demo
 from ..data.loader import epoch_batches, make_loader, to_device, token_batches
@@ -82,8 +83,6 @@ class TranslationConfig(Config):
     bleu_tokenize: str = field("auto", "sacrebleu tokenizer: auto (from tgt_lang: zh, ja-mecab, ko-mecab, else "
                                        "13a) | 13a | zh | char | intl | none | ...", "logging/eval",
                                _choice(*BLEU_TOKENIZERS))
-    max_minutes: float = field(0.0, "> 0: time budget of the run; the lr decay follows the time used",
-                               "optimisation", _non_negative)
 
     def __attrs_post_init__(self):
         if self.data_dir:   # fill the file fields not given one by one
@@ -113,7 +112,7 @@ class TranslationConfig(Config):
             raise ConfigError("train_src: required when valid_src is given (the vocabulary comes from train)")
 
 
-class TranslationTask:
+class TranslationTask(Task):
     """Data, model definition and evaluation for one translation config."""
 
     def __init__(self, cfg: TranslationConfig, log=print, splits=None):
@@ -126,8 +125,7 @@ class TranslationTask:
                                                                     training=splits is None, log=log)
         if splits is None and not len(self.data["train"]):
             raise ConfigError(f"max_len={cfg.max_len}: every training pair is longer; raise max_len")
-        self.log = log
-        self.clock = optim.Clock(cfg.max_minutes * 60) if cfg.max_minutes else None
+        self._log = log   # the sacrebleu signatures, after a test evaluation
         self.bleu_tokenize, bleu_warning = bleu_tokenizer(cfg.bleu_tokenize, cfg.tgt_lang)
         self.signatures = signatures(self.bleu_tokenize)
         warnings = [bleu_warning] if bleu_warning else []
@@ -248,12 +246,8 @@ class TranslationTask:
 
     def init_state(self, total_steps: int, device="cpu"):
         c = self.cfg
-        if self.clock is not None:   # the budget starts with the training state
-            self.clock = optim.Clock(c.max_minutes * 60)
-            lr = optim.timed_schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, self.clock, c.min_lr_ratio)
-        else:
-            lr = optim.schedule(c.lr_schedule, c.lr, c.warmup_steps, total_steps, c.min_lr_ratio)
-        return init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device, lr=lr,
+        return init_state(self.build_model, optim.make_optimizer(c), seed=c.seed, device=device,
+                          lr=optim.run_schedule(c, total_steps),
                           options=StepOptions(precision=c.precision, clip_grad=c.clip_grad,
                                               label_smoothing=c.label_smoothing, **speed_options(c)))
 
@@ -273,8 +267,10 @@ class TranslationTask:
         batches = self._batches(epoch, engine.rank, engine.world_size)[start:]
         return make_loader(self.data["train"], batches, collate, self.cfg.num_workers, engine.device)
 
-    def tokens(self, batch) -> torch.Tensor:
-        return (batch["targets"] != -100).sum()
+    def per_rank_batch(self) -> tuple[int, str]:
+        if self.cfg.max_tokens:   # batches by padded tokens, not sentences
+            return self.cfg.max_tokens, "padded tokens at most"
+        return self.cfg.batch_size, ""
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def _decode_batches(self, srcs: list[torch.Tensor], rows: list[int]) -> list[list[int]]:
@@ -297,44 +293,46 @@ class TranslationTask:
             state.model.train()
         return out
 
-    def evaluate(self, state, engine, split: str = "valid", beam: int | None = None) -> dict:
+    def evaluate(self, state, split: str = "valid", *, reduce_sum=same, rank: int = 0, world_size: int = 1,
+                 device=None, beam: int | None = None) -> dict:
         """Token-level loss, exact match and sacrebleu BLEU / chrF of the detokenized translations against the
-        split's reference lines (greedy, or beam search with eval_beam / test_beam), summed across ranks."""
+        split's reference lines (greedy, or beam search with eval_beam / test_beam); this rank scores every
+        world_size-th sentence and `reduce_sum` adds the ranks up."""
         data = self.data.get(split)
         if data is None or not len(data):
             return {}
-        c = self.cfg
+        c, device = self.cfg, eval_device(state, device)
         beam = beam or (c.test_beam if split == "test" else c.eval_beam)
         # a cheaper validation on the first sentences; the test split is always scored whole
         n = len(data) if not c.eval_max_sentences or split == "test" else min(len(data), c.eval_max_sentences)
-        mine = list(range(engine.rank, n, engine.world_size))
-        sums = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss, tokens, exact, sentences
+        mine = list(range(rank, n, world_size))
+        sums = torch.zeros(4, dtype=torch.float64, device=device)   # loss, tokens, exact, sentences
         state.model.eval()
         try:
             for idx in self._decode_batches([data[j][0] for j in range(len(data))], mine):
-                batch = to_device(collate([data[j] for j in idx]), engine.device)
+                batch = to_device(collate([data[j] for j in idx]), device)
                 loss_sum, ntok = eval_step(state, batch)
-                sums[:2] += torch.tensor([loss_sum.item(), ntok.item()], dtype=torch.float64, device=engine.device)
+                sums[:2] += torch.tensor([loss_sum.item(), ntok.item()], dtype=torch.float64, device=device)
         finally:
             state.model.train()
-        hyp = self.hypotheses(state, [p[0] for p in data.pairs], beam, engine.device, mine)
+        hyp = self.hypotheses(state, [p[0] for p in data.pairs], beam, device, mine)
         exact = sum(hyp[j] == data[j][1].tolist() for j in mine)
-        sums[2:] += torch.tensor([exact, len(mine)], dtype=torch.float64, device=engine.device)
-        loss, ntok, exact, count = engine.reduce_sum(sums).tolist()
+        sums[2:] += torch.tensor([exact, len(mine)], dtype=torch.float64, device=device)
+        loss, ntok, exact, count = reduce_sum(sums).tolist()
         # every rank gets every hypothesis (row j: its length, then its ids; one rank fills each row), so the
         # corpus scores are sacrebleu's own on the whole split, whatever the number of ranks
         ids = torch.zeros(n, c.max_len + 1, dtype=torch.long)
         for j in mine:
             ids[j, 0] = len(hyp[j])
             ids[j, 1:1 + len(hyp[j])] = torch.tensor(hyp[j], dtype=torch.long)
-        ids = engine.reduce_sum(ids.to(engine.device)).cpu()
+        ids = reduce_sum(ids.to(device)).cpu()
         hyps = [self.tgt_vocab.decode(row[1:1 + row[0]].tolist()) for row in ids]
         refs = self.splits[split][1]
         scores = corpus_scores(hyps, [refs[data.kept[j]] for j in range(n)], self.bleu_tokenize)
         self.signatures = {"tokenize": self.bleu_tokenize,
                            **{k: scores.pop(k) for k in ("bleu_signature", "chrf_signature")}}
-        if split == "test" and engine.rank == 0:
-            self.log(f"sacrebleu: BLEU {self.signatures['bleu_signature']} | chrF {self.signatures['chrf_signature']}")
+        if split == "test" and rank == 0:
+            self._log(f"sacrebleu: BLEU {self.signatures['bleu_signature']} | chrF {self.signatures['chrf_signature']}")
         return {"loss": loss / max(ntok, 1), "exact_match": exact / max(count, 1), **scores}
 
     def translate(self, state, lines: list[str], device="cpu", beam: int | None = None) -> list[str]:
