@@ -25,20 +25,8 @@ def run(recipe: str, **overrides):
 
     recipe: a recipe file, e.g. recipes/single_translation.py (one of those listed below, or your own)
     """
-    from thcore.recipe import configure
-
-    def go():
-        cfg, mod = configure(recipe, overrides)
-        launcher = getattr(mod, "launcher", "single")
-        if launcher == "single" and cfg.engine == "eager" and not cfg.max_restarts:
-            from launchers.single import main
-            return main(cfg, mod.build, recipe)
-        from launchers.spawn import nproc, spawn   # ddp / deepspeed: start one process per device under torchrun
-        if cfg.engine == "deepspeed":   # a missing DeepSpeed or a contradicting ds_config: one line, before torchrun
-            from thcore.engines.deepspeed import check
-            check(cfg, nproc(cfg, overrides))
-        return spawn(recipe, cfg, overrides)
-    guarded(go)
+    from thcore.launch import run as launch
+    guarded(launch, recipe, overrides)
 
 
 def bench(**kwargs):

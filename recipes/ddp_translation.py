@@ -4,13 +4,9 @@ process per GPU, or `nproc` (default 2) gloo processes on a CPU-only machine. `b
     python th.py run recipes/ddp_translation.py [--nproc=4 --ddp_comm_hook=bf16_compress ...]
     torchrun --nproc_per_node=8 launchers/multinode.py --recipe recipes/ddp_translation.py --epochs=10 --batch_size=32
 """
-import os
-
 import attrs
 
-from thcore.recipe import load
-
-single = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_translation.py"))
+from recipes import single_translation as single
 
 
 @attrs.define(kw_only=True)
@@ -20,4 +16,3 @@ class Config(single.Config):
 
 
 build = single.build
-launcher = "multinode"

@@ -20,6 +20,3 @@ class Config(ZeRO2Config):
     engine: str = "fsdp"
     zero_stage: int = 0
     compile: bool = True
-
-
-launcher = "multinode"

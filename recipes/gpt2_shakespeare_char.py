@@ -37,6 +37,3 @@ class Config(LMConfig):
 
 def build(cfg: Config) -> LMTask:
     return LMTask(cfg)
-
-
-launcher = "single"

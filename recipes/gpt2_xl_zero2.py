@@ -47,6 +47,3 @@ class Config(LMConfig):
 
 def build(cfg: Config) -> LMTask:
     return LMTask(cfg)
-
-
-launcher = "multinode"

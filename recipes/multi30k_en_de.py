@@ -58,6 +58,3 @@ class Config(TranslationConfig):
 
 def build(cfg: Config) -> TranslationTask:
     return TranslationTask(cfg)
-
-
-launcher = "multinode"

@@ -7,13 +7,9 @@ greedy, test BLEU with beam 5) around Transformer-base: 512 wide, 8 heads, 6+6 l
 dropout 0.3 (Multi30k is small: 29k pairs). Batches of up to 8192 padded tokens per GPU; a 15-minute budget
 (`max_minutes`) with the cosine over it. th.py starts one DDP process per GPU.
 """
-import os
-
 import attrs
 
-from thcore.recipe import load
-
-cpu = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi30k_en_de.py"))
+from recipes import multi30k_en_de as cpu
 
 
 @attrs.define(kw_only=True)
@@ -36,4 +32,3 @@ class Config(cpu.Config):
 
 
 build = cpu.build
-launcher = "multinode"

@@ -28,6 +28,3 @@ class Config(TranslationConfig):
 
 def build(cfg: Config) -> TranslationTask:
     return TranslationTask(cfg)
-
-
-launcher = "single"

@@ -8,22 +8,16 @@ gloo processes on DeepSpeed's CPU accelerator. `batch_size` is per device.
     deepspeed --no_local_rank --num_gpus=8 launchers/multinode.py --recipe recipes/zero2_translation.py
     python th.py export runs/zero2_translation out/                  # consolidated fp32 weights, an eager checkpoint
 """
-import os
-
 import attrs
 
-from thcore.recipe import load
-
-single = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_translation.py"))
-_fields = attrs.fields(single.Config)
+from recipes import single_translation as single
 
 
 @attrs.define(kw_only=True)
 class Config(single.Config):
-    engine: str = attrs.field(default="deepspeed", validator=_fields.engine.validator)
-    nproc: int = attrs.field(default=2, validator=_fields.nproc.validator)   # CPU; on GPUs: one process each
-    zero_stage: int = attrs.field(default=2, validator=_fields.zero_stage.validator)
+    engine: str = "deepspeed"
+    nproc: int = 2   # CPU; on GPUs: one process each
+    zero_stage: int = 2
 
 
 build = single.build
-launcher = "multinode"

@@ -39,6 +39,3 @@ class Config(LMConfig):
 
 def build(cfg: Config) -> LMTask:
     return LMTask(cfg)
-
-
-launcher = "multinode"

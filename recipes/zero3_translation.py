@@ -6,20 +6,14 @@ forward and backward (evaluation and greedy decoding as well), so no rank ever h
     python th.py export runs/zero3_translation out/ && \\
         python th.py run recipes/single_translation.py --resume=out/ --out_dir=runs/from_zero3   # no DeepSpeed
 """
-import os
-
 import attrs
 
-from thcore.recipe import load
-
-zero2 = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero2_translation.py"))
-_fields = attrs.fields(zero2.Config)
+from recipes import zero2_translation as zero2
 
 
 @attrs.define(kw_only=True)
 class Config(zero2.Config):
-    zero_stage: int = attrs.field(default=3, validator=_fields.zero_stage.validator)
+    zero_stage: int = 3
 
 
 build = zero2.build
-launcher = "multinode"

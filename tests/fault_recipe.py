@@ -13,10 +13,9 @@ import torch
 
 import thcore.engines.ddp
 import thcore.step
-from thcore.recipe import load
+from recipes import ddp_translation as base
 
-base = load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "ddp_translation.py"))
-Config, launcher = base.Config, base.launcher
+Config = base.Config
 
 
 def _env(name, default=None):

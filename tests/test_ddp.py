@@ -66,9 +66,8 @@ def rows(run, split):
 
 STOP_RECIPE = f'''
 import os, signal
-from thcore.recipe import load
-base = load({RECIPE!r})
-Config, launcher = base.Config, base.launcher
+from recipes import ddp_translation as base
+Config = base.Config
 
 def build(cfg):
     """The DDP recipe, but rank 0 alone gets SIGTERM after its 12th batch (in the first run only)."""

@@ -508,7 +508,7 @@ def test_every_config_field_is_validated_in_one_line():
 
 
 def test_max_restarts_becomes_torchruns_and_eager_runs_get_supervised():
-    from launchers.spawn import command
+    from thcore.launch import command
     cmd = command("r.py", 2, {"max_restarts": 3, "nproc": 2, "lr": 0.1}, 29500, 3)
     assert "--max-restarts=3" in cmd and cmd.index("--max-restarts=3") < cmd.index("--recipe")
     assert not [a for a in cmd if a.startswith(("--max_restarts", "--nproc="))]

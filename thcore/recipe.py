@@ -1,5 +1,5 @@
-"""Recipes: one Python file per experiment with an attrs `Config` class, `build(cfg) -> task`, and the
-`launcher` it runs with ("single", "multinode", ...)."""
+"""Recipes: one Python file per experiment with an attrs `Config` class and `build(cfg) -> task`. How a recipe
+runs (here or under torchrun) follows from its config: thcore/launch.py."""
 import importlib.util
 import os
 import sys

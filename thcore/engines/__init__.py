@@ -5,8 +5,11 @@ and where state lives:
     engine.step(state, batch) -> (state, metrics)
     engine.reduce_sum(tensor) -> tensor         sum over ranks (eval metrics, logged losses)
     engine.save(state, run_dir, keep, extra) / engine.restore(state, paths)
+    engine.eval_state(state), engine.num_params(state)
     engine.close()                              multi-process engines: close(clean=False) after an error skips
                                                 the exit barrier (a rank that failed alone must not wait there)
+
+runtime.Engine holds the defaults of one process.
 """
 
 
