@@ -2,13 +2,13 @@
 exactly as the run that never stopped; the step iterator crosses epochs and resumes from the data cursor."""
 import json
 import os
-import signal
 import types
 
 import pytest
 import torch
 
 from conftest import tiny_config
+from helpers import stop_after
 from thcore.data.loader import step_batches
 from thcore.engines.eager import EagerEngine
 from thcore.loop import Interrupted, fit
@@ -41,26 +41,12 @@ def _sevens(run_dir):
             for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "seven"]
 
 
-def _stop_after(task, n):
-    """SIGINT this process (as Ctrl-C does) when the loader hands out batch `n`: the run stops after that step."""
-    orig, seen = task.train_loader, [0]
-
-    def loader(epoch, start, engine):
-        for b in orig(epoch, start, engine):
-            seen[0] += 1
-            if seen[0] == n:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield b
-    task.train_loader = loader
-    return task
-
-
 def test_a_custom_part_resumes_exactly(tmp_path):
     ref_cfg = tiny_config(tmp_path / "ref", **RUN)
     ref = fit(ref_cfg, TranslationTask(ref_cfg), EagerEngine(ref_cfg), parts=[EverySeven()])
     cfg = tiny_config(tmp_path / "cut", **RUN)
     with pytest.raises(Interrupted):
-        fit(cfg, _stop_after(TranslationTask(cfg), 12), EagerEngine(cfg), parts=[EverySeven()])
+        fit(cfg, stop_after(TranslationTask(cfg), 12), EagerEngine(cfg), parts=[EverySeven()])
     assert [r["step"] for r in _sevens(cfg.run_dir)] == [7]
     meta = json.load(open(os.path.join(cfg.run_dir, "checkpoints", "step_12", "state.json")))
     assert meta["seven_steps"] == 12

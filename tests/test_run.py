@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, ROOT, th
+from helpers import stop_after
 from thcore import checkpoint
 from thcore.config import ConfigError
 from thcore.engines.eager import EagerEngine
@@ -68,26 +69,12 @@ def test_run_directory_layout(tiny):
     assert meta["step"] == 30 and meta["seed"] == cfg.seed and meta["data"]["index"] > 0
 
 
-def _stop_after(task, n_batches):
-    """Make the loader send this process SIGINT (as Ctrl-C does) after `n_batches` batches."""
-    orig, seen = task.train_loader, [0]
-
-    def loader(epoch, start, engine):
-        for b in orig(epoch, start, engine):
-            seen[0] += 1
-            if seen[0] == n_batches:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield b
-    task.train_loader = loader
-    return task
-
-
 def test_graceful_stop_then_resume_is_bitwise_equal(tiny, tmp_path):
     # 800 pairs / 16 = 50 batches per epoch: 70 steps cross an epoch boundary
     ref = train(tiny(max_steps=70, checkpoint_every=20, out_dir=str(tmp_path / "ref")))
     cfg = tiny(max_steps=70, checkpoint_every=20, out_dir=str(tmp_path / "cut"))
     with pytest.raises(Interrupted):
-        train(cfg, _stop_after(TranslationTask(cfg), 27))
+        train(cfg, stop_after(TranslationTask(cfg), 27))
     assert open(os.path.join(cfg.run_dir, "checkpoints", "latest")).read().strip() == "step_27"
     resumed = train(cfg)
     assert resumed.step == 70
@@ -135,7 +122,7 @@ def test_corrupt_checkpoints_are_skipped_and_resume_still_matches(tiny, tmp_path
     ref = train(tiny(max_steps=40, checkpoint_every=10, out_dir=str(tmp_path / "ref")))
     cfg = tiny(max_steps=40, checkpoint_every=10)
     with pytest.raises(Interrupted):
-        train(cfg, _stop_after(TranslationTask(cfg), 25))
+        train(cfg, stop_after(TranslationTask(cfg), 25))
     ckpts = os.path.join(cfg.run_dir, "checkpoints")
     assert sorted(os.listdir(ckpts)) == ["latest", "step_10", "step_20", "step_25"]
     flipped = os.path.join(ckpts, "step_25", "model.safetensors")

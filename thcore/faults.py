@@ -4,8 +4,6 @@ nan_policy="stop", out of memory, a peer rank that died or hangs. docs/RELIABILI
 The loop turns these errors into `TrainingAborted`; entry points print its line and exit with status 3
 (cli.guarded), so a script can tell them from bad input (2) and a graceful stop (130).
 """
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -83,8 +81,3 @@ def nonfinite(cfg, step: int, saved: str | None, loss: float, grad_norm: float) 
     return TrainingAborted(f"step {step}: non-finite loss or gradients (loss sum {loss:g}, grad_norm {grad_norm:g}) "
                            f"with nan_policy='stop'; {where}. Check the data of that step, lower lr, or use "
                            "nan_policy='skip' to skip such steps")
-
-
-def restart_count() -> int:
-    """How many times torchrun restarted this worker group (0 in a first attempt or without torchrun)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

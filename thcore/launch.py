@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 
-from .config import ConfigError
+from .config import ConfigError, PeerFailed
 from .engines import make_engine
 from .loop import Interrupted, fit
 
@@ -70,7 +70,7 @@ def one_rank(cfg, build, recipe: str | None = None):
                           "or run it with `python th.py run RECIPE`")
     engine = make_engine(cfg)
     try:
-        state = fit(cfg, build(cfg), engine, launch={"recipe": recipe})
+        state = fit(cfg, _build_rank0_first(cfg, build, engine), engine, launch={"recipe": recipe})
     except Interrupted:   # every rank agreed to stop at the same step: they still meet at the exit barrier
         engine.close()
         raise
@@ -79,6 +79,24 @@ def one_rank(cfg, build, recipe: str | None = None):
         raise
     engine.close()
     return state
+
+
+def _build_rank0_first(cfg, build, engine):
+    """The task, built by rank 0 while the others wait: building may prepare a corpus into the run directory
+    (tasks/translation.py), which the others then find ready. If rank 0 fails, the others stop quietly (its
+    error names the cause)."""
+    import torch
+    done = torch.zeros(1, device=engine.device)
+    if engine.rank == 0:
+        try:
+            task = build(cfg)
+            done += 1
+        finally:
+            engine.reduce_sum(done)
+        return task
+    if not engine.reduce_sum(done).item():
+        raise PeerFailed("rank 0 could not build the task")
+    return build(cfg)
 
 
 def _free_port() -> int:

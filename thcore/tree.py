@@ -11,10 +11,6 @@ def clone(tree):
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
-def zeros_like(tree):
-    return tree_map(torch.zeros_like, tree)
-
-
 def global_norm(tensors) -> torch.Tensor:
     """L2 norm over all leaves, in fp32, without a host sync."""
     leaves = [t for t in tree_leaves(tensors) if t is not None]

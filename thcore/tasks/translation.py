@@ -7,7 +7,7 @@ import torch
 
 from .. import decode, optim
 from . import Task, eval_device, same
-from ..config import Config, ConfigError, PeerFailed, _choice, _non_negative, _positive, _unit, field
+from ..config import Config, ConfigError, _choice, _non_negative, _positive, _unit, field
 from ..data import demo
 from ..data.loader import epoch_batches, make_loader, to_device, token_batches
 from ..data.subword import Subword, Words
@@ -181,31 +181,18 @@ class TranslationTask(Task):
 
     @staticmethod
     def _prepare(cfg, log) -> str:
-        """RUN_DIR/prepared from the raw files, by rank 0 while the other ranks wait; kept when its sources and
-        tokenizer settings are unchanged. A resumed run whose data changed keeps its tokenizers (the ids of its
-        checkpoints)."""
+        """RUN_DIR/prepared from the raw files; kept when its sources and tokenizer settings are unchanged. A
+        resumed run whose data changed keeps its tokenizers (the ids of its checkpoints). Under torchrun rank 0
+        builds its task first (thcore/launch.py): the other ranks find the directory ready."""
         directory = os.path.join(cfg.run_dir, "prepared")
         files = {n: (getattr(cfg, f"{n}_src"), getattr(cfg, f"{n}_tgt")) for n in SPLITS if getattr(cfg, f"{n}_src")}
         want = prepare_settings(cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq, cfg.tokenizer_sample)
-        ranked = torch.distributed.is_available() and torch.distributed.is_initialized()
-        done = torch.ones(1)   # rank 0 tells the others whether it prepared the corpus (gloo and NCCL alike)
-        if (not ranked or torch.distributed.get_rank() == 0) and not up_to_date(directory, files, want):
+        if not up_to_date(directory, files, want):
             mine = [os.path.join(cfg.run_dir, n) for n in tokenizer_files(cfg.joint_vocab)]
-            try:
-                keep = (tuple(load_tokenizer(p, cfg.tokenizer) for p in mine)
-                        if cfg.resume != "never" and all(os.path.isfile(p) for p in mine) else None)
-                prepare_pairs(directory, files, cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq,
-                              cfg.tokenizer_sample, tokenizers=keep, log=log)
-            except BaseException:
-                if ranked:   # the others stop too, quietly: rank 0's error names the cause
-                    done.zero_()
-                    torch.distributed.broadcast(_on_backend(done), 0)
-                raise
-        if ranked:
-            flag = _on_backend(done)
-            torch.distributed.broadcast(flag, 0)
-            if not flag.item():
-                raise PeerFailed("rank 0 could not prepare the corpus")
+            keep = (tuple(load_tokenizer(p, cfg.tokenizer) for p in mine)
+                    if cfg.resume != "never" and all(os.path.isfile(p) for p in mine) else None)
+            prepare_pairs(directory, files, cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq,
+                          cfg.tokenizer_sample, tokenizers=keep, log=log)
         return directory
 
     @staticmethod
@@ -358,13 +345,6 @@ def _load_tokenizers(directory: str, kind: str, joint: bool):
         tok = load_tokenizer(src, kind)
         return tok, tok
     return load_tokenizer(src, kind), load_tokenizer(tgt, kind)
-
-
-def _on_backend(t: torch.Tensor) -> torch.Tensor:
-    """`t` where the process group's backend can send it (NCCL: this rank's GPU)."""
-    if torch.distributed.get_backend() == "nccl":
-        return t.to(torch.device("cuda", torch.cuda.current_device()))
-    return t
 
 
 def load_tokenizer(path: str, kind: str):
