@@ -58,6 +58,32 @@ def test_a_custom_part_resumes_exactly(tmp_path):
     assert last["seven_steps"] == 30
 
 
+def test_tokens_per_s_counts_the_time_spent_training_only(tmp_path, monkeypatch):
+    """A clock that advances 1 s per step and 100 s per evaluation: each train line's tokens/s is its window's
+    tokens over 5 s (its 5 steps), whatever the evaluation before it took."""
+    import thcore.parts
+    clock, window = [0.0], []
+    monkeypatch.setattr(thcore.parts, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                    monotonic=lambda: clock[0]))
+
+    class OneSecondSteps(EagerEngine):
+        def step(self, state, batch):
+            clock[0] += 1.0
+            state, m = super().step(state, batch)
+            window.append(int(m["ntokens"]))
+            return state, m
+
+    class SlowEval(TranslationTask):
+        def evaluate(self, *a, **k):
+            clock[0] += 100.0
+            return super().evaluate(*a, **k)
+    cfg = tiny_config(tmp_path, max_steps=10, eval_every=5, log_every=5, demo_valid_size=8, demo_test_size=8)
+    fit(cfg, SlowEval(cfg), OneSecondSteps(cfg))
+    rows = [r for r in read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert [r["tokens_per_s"] for r in rows] == [pytest.approx(sum(window[:5]) / 5), pytest.approx(sum(window[5:]) / 5)]
+
+
 class Counting:
     """A task whose batch b of epoch e is {"x": [e, b]}; 5 micro-batches per epoch."""
 

@@ -13,6 +13,7 @@ hands each part its answers (`after_step`). A part saves what it must carry acro
     state_dict() -> dict        top-level fields of state.json (keep the names unique)
 """
 import contextlib
+import itertools
 import signal
 import time
 
@@ -95,23 +96,17 @@ def poll(run: Run, parts: list) -> list[dict]:
     if not run.agreeing:
         return [{} for _ in parts]
     asks = [p.ask(run) for p in parts]
-    values = [v for a in asks for v in a.values()]
-    if run.engine.world_size == 1 and not any(torch.is_tensor(v) for v in values):
+    items = [(i, k, v) for i, a in enumerate(asks) for k, v in a.items()]
+    if run.engine.world_size == 1 and not any(torch.is_tensor(v) for _, _, v in items):
         return asks
-    sizes = [v.numel() if torch.is_tensor(v) else 1 for v in values]
+    sizes = [v.numel() if torch.is_tensor(v) else 1 for _, _, v in items]
+    ends = list(itertools.accumulate(sizes))
     buf = torch.empty(sum(sizes), dtype=torch.float64, device=run.engine.device)
-    at = 0
-    for v, n in zip(values, sizes):   # written in place: no host-to-device copy, no sync
-        buf[at:at + n] = v.reshape(-1) if torch.is_tensor(v) else v
-        at += n
-    flat, out, at = run.engine.reduce_sum(buf).tolist(), [], 0
-    for a in asks:
-        answer = {}
-        for k, v in a.items():
-            n = v.numel() if torch.is_tensor(v) else 1
-            answer[k] = flat[at:at + n] if torch.is_tensor(v) and v.dim() else flat[at]
-            at += n
-        out.append(answer)
+    for (_, _, v), end, n in zip(items, ends, sizes):   # written in place: no host-to-device copy, no sync
+        buf[end - n:end] = v.reshape(-1) if torch.is_tensor(v) else v
+    flat, out = run.engine.reduce_sum(buf).tolist(), [{} for _ in parts]
+    for (i, k, v), end, n in zip(items, ends, sizes):
+        out[i][k] = flat[end - n:end] if torch.is_tensor(v) and v.dim() else flat[end - 1]
     return out
 
 
