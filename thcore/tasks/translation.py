@@ -6,24 +6,15 @@ import attrs
 import torch
 
 from .. import decode, optim
-from . import Task, eval_device, same
 from ..config import Config, ConfigError, _choice, _non_negative, _positive, _unit, field
-from ..data import demo
 from ..data.loader import epoch_batches, make_loader, to_device, token_batches
-from ..data.subword import Subword, Words
-from ..data.translation import (SPLITS, DataError, TokenPairs, collate, read_parallel, read_refs, tokenizer_files,
-                                up_to_date)
-from ..data.translation import prepare as prepare_pairs
-from ..data.translation import read_meta as read_prepared
-from ..data.translation import settings as prepare_settings
-from ..data.vocab import EOS, Vocab
+from ..data.translation import SPLITS, collate
+from ..data.vocab import EOS
 from ..models import Transformer
 from ..scores import BLEU_TOKENIZERS, bleu_tokenizer, corpus_scores, signatures
 from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
-
-_FILES = ("train_src", "train_tgt", "valid_src", "valid_tgt", "test_src", "test_tgt")
-
+from . import Task, eval_device, same, translation_data
 
 @attrs.define(kw_only=True)
 class TranslationConfig(Config):
@@ -113,16 +104,17 @@ class TranslationConfig(Config):
 
 
 class TranslationTask(Task):
-    """Data, model definition and evaluation for one translation config."""
+    """Model definition, batches, decoding and evaluation for one translation config; the data pipeline (splits,
+    tokenizers, the prepared corpus) is tasks/translation_data.py, the scores scores.py."""
 
     def __init__(self, cfg: TranslationConfig, log=print, splits=None):
         """`splits`: read only these (e.g. ("test",) to evaluate a finished run, whose vocabularies are then
         read from its run directory); None = all, for training."""
         self.cfg = cfg
-        # self.splits: {split: (source lines, reference lines)} (evaluation splits of a prepared corpus: the
-        # references only); self.data: {split: TokenPairs}, memory-mapped from a prepared directory when there is one
-        self.prepared, self.splits, self.data, skipped = self._read(cfg, SPLITS if splits is None else splits,
-                                                                    training=splits is None, log=log)
+        d = translation_data.read(cfg, SPLITS if splits is None else splits, training=splits is None, log=log)
+        # the data pipeline's results (tasks/translation_data.py:TranslationData)
+        self.prepared, self.splits, self.data, skipped = d.prepared, d.splits, d.data, d.skipped
+        self.src_vocab, self.tgt_vocab = d.src_vocab, d.tgt_vocab
         if splits is None and not len(self.data["train"]):
             raise ConfigError(f"max_len={cfg.max_len}: every training pair is longer; raise max_len")
         self._log = log   # the sacrebleu signatures, after a test evaluation
@@ -144,74 +136,6 @@ class TranslationTask(Task):
                         + f" | BLEU tokenize {self.bleu_tokenize}"
                         + "".join("\n" + w for w in warnings))
         self.warnings = warnings
-
-    def _read(self, cfg, names, training: bool, log):
-        """(prepared directory or None, splits, data, empty pairs skipped); sets the tokenizers. A training run
-        reads a prepared directory: `prepared`, or the one it prepares from raw files into its run directory
-        (once; resumes reuse it). The demo task, and one split of a finished run given raw files, are encoded in
-        memory."""
-        directory = cfg.prepared or (self._prepare(cfg, log) if training and cfg.train_src else "")
-        if directory:
-            meta = read_prepared(directory)
-            if cfg.prepared:
-                _check_settings(cfg, meta, directory)
-            if training:
-                self.src_vocab, self.tgt_vocab = _load_tokenizers(directory, cfg.tokenizer, meta["joint_vocab"])
-            else:
-                self.src_vocab, self.tgt_vocab = self._tokenizers(cfg, None, trained=False)
-            names = [n for n in names if n in meta["splits"]]
-            data = {n: TokenPairs.open(directory, n, cfg.max_len, truncate=n != "train", dtype=meta["dtype"])
-                    for n in names}
-            splits = {n: ((), read_refs(directory, n)) for n in names if n != "train"}
-            return directory, splits, data, sum(meta["splits"][n]["skipped"] for n in names)
-        if not cfg.train_src:
-            out = demo.splits(cfg.demo_train_size, cfg.demo_valid_size, cfg.demo_test_size, seed=0)
-            lines, skipped = {k: v for k, v in out.items() if k in names}, 0
-        else:
-            lines, skipped = {}, 0
-            for name in names:
-                if getattr(cfg, f"{name}_src"):
-                    s, t, n = read_parallel(getattr(cfg, f"{name}_src"), getattr(cfg, f"{name}_tgt"),
-                                            f"{name}_src", f"{name}_tgt")
-                    lines[name], skipped = (s, t), skipped + n
-        self.src_vocab, self.tgt_vocab = self._tokenizers(cfg, lines.get("train"), trained=training)
-        data = {n: TokenPairs.from_lines(s, t, self.src_vocab, self.tgt_vocab, cfg.max_len, truncate=n != "train")
-                for n, (s, t) in lines.items()}
-        return None, lines, data, skipped
-
-    @staticmethod
-    def _prepare(cfg, log) -> str:
-        """RUN_DIR/prepared from the raw files; kept when its sources and tokenizer settings are unchanged. A
-        resumed run whose data changed keeps its tokenizers (the ids of its checkpoints). Under torchrun rank 0
-        builds its task first (thcore/launch.py): the other ranks find the directory ready."""
-        directory = os.path.join(cfg.run_dir, "prepared")
-        files = {n: (getattr(cfg, f"{n}_src"), getattr(cfg, f"{n}_tgt")) for n in SPLITS if getattr(cfg, f"{n}_src")}
-        want = prepare_settings(cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq, cfg.tokenizer_sample)
-        if not up_to_date(directory, files, want):
-            mine = [os.path.join(cfg.run_dir, n) for n in tokenizer_files(cfg.joint_vocab)]
-            keep = (tuple(load_tokenizer(p, cfg.tokenizer) for p in mine)
-                    if cfg.resume != "never" and all(os.path.isfile(p) for p in mine) else None)
-            prepare_pairs(directory, files, cfg.tokenizer, cfg.vocab_size, cfg.joint_vocab, cfg.min_freq,
-                          cfg.tokenizer_sample, tokenizers=keep, log=log)
-        return directory
-
-    @staticmethod
-    def _tokenizers(cfg, train, trained=True):
-        """(source, target) tokenizers: the run's own files when resuming or evaluating (ids must match its
-        checkpoints), else trained on the training split. A joint vocabulary is one object for both sides."""
-        names = ("vocab.joint", "vocab.joint") if cfg.joint_vocab else ("vocab.src", "vocab.tgt")
-        paths = [os.path.join(cfg.run_dir, f"{n}.json") for n in names]
-        if not trained or cfg.resume != "never" and all(os.path.isfile(p) for p in paths):
-            return tuple(load_tokenizer(p, cfg.tokenizer) for p in paths)
-        src, tgt = train
-        if cfg.tokenizer == "word":
-            build = lambda lines: Words(Vocab.build((line.split() for line in lines), cfg.min_freq))  # noqa: E731
-        else:
-            build = lambda lines: Subword.train(lines, cfg.tokenizer, cfg.vocab_size)  # noqa: E731
-        if cfg.joint_vocab:
-            joint = build(list(src) + list(tgt))
-            return joint, joint
-        return build(src), build(tgt)
 
     def save_assets(self, run_dir: str):
         """The vocabularies, which `th.py translate/eval` and a resumed run read back."""
@@ -328,27 +252,3 @@ class TranslationTask(Task):
         srcs = [torch.tensor(ids[:c.max_len - 1] + [EOS]) for ids in self.src_vocab.encode_batch(lines)]
         hyp = self.hypotheses(state, srcs, beam or c.test_beam, device)
         return [self.tgt_vocab.decode(hyp[i]) for i in range(len(lines))]
-
-
-def _check_settings(cfg, meta: dict, directory: str):
-    """A prepared corpus is read with the tokenizer it was made with: the config must agree with it."""
-    fields = ["tokenizer", "joint_vocab", "min_freq" if cfg.tokenizer == "word" else "vocab_size"]
-    for name in fields:
-        if meta[name] != getattr(cfg, name):
-            raise ConfigError(f"{name}={getattr(cfg, name)!r}: the prepared corpus {directory} was made with "
-                              f"{name}={meta[name]!r} (set that, or prepare it again)")
-
-
-def _load_tokenizers(directory: str, kind: str, joint: bool):
-    src, tgt = (os.path.join(directory, n) for n in tokenizer_files(joint))
-    if joint:
-        tok = load_tokenizer(src, kind)
-        return tok, tok
-    return load_tokenizer(src, kind), load_tokenizer(tgt, kind)
-
-
-def load_tokenizer(path: str, kind: str):
-    """A saved vocabulary: a `tokenizers` JSON (bpe / unigram) or a word vocabulary."""
-    if not os.path.isfile(path):
-        raise DataError(f"tokenizer: {path}: missing (the run directory keeps its vocabularies)")
-    return Words(Vocab.load(path)) if kind == "word" else Subword.load(path)
