@@ -110,7 +110,7 @@ class SGD:
 
 
 def make_optimizer(cfg):
-    impl = getattr(cfg, "optimizer_impl", "auto")
+    impl = cfg.optimizer_impl
     if cfg.optimizer == "adamw":
         return AdamW(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay, impl=impl)
     return SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay, impl=impl)
