@@ -476,9 +476,9 @@ class _SyntheticTask(Task):
     def batches_per_epoch(self, world: int) -> int:
         return 1_000_000
 
-    def init_state(self, total_steps: int):
+    def init_state(self, total_steps: int, device="cpu"):
         return init_state(self.build, _optimizer(self.cfg, self.cfg.weight_decay, self.cfg.optimizer_impl),
-                          seed=0, lr=self.cfg.lr, options=StepOptions(
+                          seed=0, lr=self.cfg.lr, device=device, options=StepOptions(
                               precision=self.cfg.precision, clip_grad=1.0, compile=self.cfg.compile,
                               ce_chunk=self.cfg.ce_chunk, sdpa_backend=self.cfg.sdpa_backend,
                               cuda_graphs=self.cfg.cuda_graphs))
