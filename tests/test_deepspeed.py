@@ -28,6 +28,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT, TINY, free_port, shakespeare_chars, th  # noqa: E402
+from helpers import stop_after  # noqa: E402
 
 K = 6   # steps per equivalence run
 ZERO2 = os.path.join(ROOT, "recipes", "zero2_translation.py")
@@ -104,21 +105,6 @@ def configure(recipe=ZERO2, **kw):
 
 # -- the worker: what torchrun starts (python tests/test_deepspeed.py worker SPEC OUT) ---------------------------
 
-def _stop_after(task, n):
-    """SIGINT this process (as Ctrl-C does) once `n` batches have been drawn."""
-    import signal
-    orig, seen = task.train_loader, [0]
-
-    def loader(epoch, start, engine):
-        for b in orig(epoch, start, engine):
-            seen[0] += 1
-            if seen[0] == n:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield b
-    task.train_loader = loader
-    return task
-
-
 def _poison_at(task, step, accum):
     """Step `step`'s first micro-batch (on every rank) gets an infinite loss (tests/fault_recipe.py's poisoned
     loss_fn)."""
@@ -155,7 +141,7 @@ def worker(spec_path: str, out: str):
             engine = DeepSpeedEngine(cfg)
             task = mod.build(cfg) if poison is None else _poison_at(mod.build(cfg), poison, cfg.grad_accum)
             try:
-                fit(cfg, _stop_after(task, stop) if attempt == 0 else task, engine)
+                fit(cfg, stop_after(task, stop) if attempt == 0 else task, engine)
             except Interrupted:
                 pass
             report[name] = {"optimizer": type(engine.engine.basic_optimizer).__name__,

@@ -155,21 +155,11 @@ def test_tiny_gpt_learns_and_logs_ppl(tmp_path, char_data):
 
 def test_resume_draws_the_same_windows(tmp_path, char_data):
     """Cut at step 13 and resumed: bitwise the run that never stopped (windows from (seed, epoch, index, rank))."""
-    import signal
+    from helpers import stop_after
     ref = train(lm_config(tmp_path, char_data, max_steps=30, checkpoint_every=10, out_dir=str(tmp_path / "ref")))
     cfg = lm_config(tmp_path, char_data, max_steps=30, checkpoint_every=10, out_dir=str(tmp_path / "cut"))
-    task = LMTask(cfg)
-    orig, seen = task.train_loader, [0]
-
-    def loader(epoch, start, engine):
-        for b in orig(epoch, start, engine):
-            seen[0] += 1
-            if seen[0] == 13:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield b
-    task.train_loader = loader
     with pytest.raises(Interrupted):
-        train(cfg, task)
+        train(cfg, stop_after(LMTask(cfg), 13))
     resumed = train(cfg)
     assert resumed.step == 30
     for k in ref.params:
