@@ -208,7 +208,8 @@ def _engine_path(state, update_fn, loss_sum, ntok):
     """The engine applies the update (DeepSpeed skips a step whose gradients are not finite and says so); the
     verdict, the learning rate and the metrics are the same as for every other engine."""
     grad_norm, applied, lr = update_fn(state, state.lr_fn(state.step))
-    nonfinite, skipped = _verdict(state.options.precision == "fp16", torch.as_tensor(applied), None)
+    applied = torch.as_tensor(applied, device=loss_sum.device)   # DeepSpeed has read its norm: no wait here
+    nonfinite, skipped = _verdict(state.options.precision == "fp16", applied, None)
     metrics = {"loss_sum": loss_sum, "ntokens": ntok, "grad_norm": grad_norm, "lr": lr, "nonfinite": nonfinite}
     if skipped is not None:
         metrics["skipped"] = skipped

@@ -44,6 +44,11 @@ def draw_rows(model: nn.Module, name: str, shape, dtype, seed: int, lo: int = 0,
     return out.reshape(shape) if not shape else out
 
 
+def draw(model: nn.Module, like: dict, seed: int, device="cpu") -> dict:
+    """{name: initial value on `device`} for the params named (and shaped) as in `like`, one at a time."""
+    return {k: draw_rows(model, k, p.shape, p.dtype, seed).to(device) for k, p in like.items()}
+
+
 def build(model_fn, seed: int, device) -> tuple[nn.Module, dict, dict]:
     """(model, params, buffers): the model built on the meta device, then each parameter drawn and placed on
     `device` (the weights exist once, never as a module copy); `device="meta"` leaves them unallocated for an
@@ -63,8 +68,7 @@ def build(model_fn, seed: int, device) -> tuple[nn.Module, dict, dict]:
         params, buffers = func.init(model)
         return model, {k: v.to(device) for k, v in params.items()}, {k: v.to(device) for k, v in buffers.items()}
     named = dict(model.named_parameters())   # tied weights once, under their first name
-    params = {k: p.detach() if meta else draw_rows(model, k, p.shape, p.dtype, seed).to(device)
-              for k, p in named.items()}
+    params = {k: p.detach() for k, p in named.items()} if meta else draw(model, named, seed, device)
     buffers = model.init_buffers("cpu" if meta else device)
     if not meta:   # the module holds the same tensors (activation checkpointing's recompute reads the module's)
         func.bind(model, params, buffers)

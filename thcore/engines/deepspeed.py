@@ -197,8 +197,7 @@ class DeepSpeedEngine(Runtime):
         use_tf32(self.device)
         model = state.model
         if next(iter(state.params.values())).is_meta:
-            state = state.replace(params={k: weights.draw_rows(model, k, p.shape, p.dtype, state.seed)
-                                          for k, p in state.params.items()}, opt_state={})
+            state = state.replace(params=weights.draw(model, state.params, state.seed))
         bind(model, state.params, state.buffers)   # DeepSpeed trains the state's own tensors
         # and only the module holds them: ZeRO-3 partitions them in place, and the whole ones can then go
         state = state.replace(params={}, opt_state={})
