@@ -3,7 +3,7 @@
     <run>/checkpoints/step_<N>/model.safetensors      params under their pytree names
                                optimizer.safetensors  optimizer state, flattened ('exp_avg/<name>')
                                ema.safetensors        EMA of the params, when the state keeps one
-                               state.json             step, seed, data cursor, loss scale, best, extra
+                               state.json             step, seed, data cursor, loss scale + the parts' state
                                manifest.json          size and sha256 of each file, written last
     <run>/checkpoints/latest                          'step_<N>': the newest complete checkpoint
 

@@ -34,7 +34,7 @@ class Run:
     total: int                    # the step the run ends at
     say: object                   # a line for the user (rank 0)
     metrics: object               # metrics.Metrics: metrics.jsonl, TensorBoard, wandb
-    state: object                 # the TrainState; parts may replace it (best, the time budget's lr)
+    state: object                 # the TrainState; parts may replace it (the time budget's lr)
     meta: dict                    # the restored state.json, {} on a fresh start
     plain: bool = False           # a log file rather than a terminal: plain lines, no progress bar
     parts: list = attrs.Factory(list)
@@ -231,12 +231,13 @@ class MetricsWriter(Part):
 
 class Evaluator(Part):
     """Evaluations every `eval_every` steps (0: at the end of each epoch) and at the end, the test split last;
-    the EMA twin on the same split as ema_<metric>. Tracks the best val loss (state.best, and `best_step` in
-    state.json, which keeps that checkpoint from pruning) and stops after `early_stop_patience` evals without a
-    better one; both counters live in state.json, so a resumed run judges as the one that never stopped."""
+    the EMA twin on the same split as ema_<metric>. Tracks the best val loss (`best`, and `best_step`, which keeps
+    that checkpoint from pruning) and stops after `early_stop_patience` evals without a better one; all three
+    live in state.json, so a resumed run judges as the one that never stopped."""
 
     def start(self, run):
-        self.best_step, self.stale = run.meta.get("best_step"), int(run.meta.get("stale_evals", 0))
+        self.best, self.best_step = run.meta.get("best"), run.meta.get("best_step")
+        self.stale = int(run.meta.get("stale_evals", 0))
         self.last = None   # the step of the last evaluation
         if self._patience_spent(run):
             self._stop_early(run)
@@ -247,7 +248,7 @@ class Evaluator(Part):
     def _stop_early(self, run):
         run.stop = run.stop or "early"
         run.say(f"early stop at step {run.step}: no better val loss in {self.stale} evals "
-                f"(best {run.state.best:.4f} at step {self.best_step})")
+                f"(best {self.best:.4f} at step {self.best_step})")
 
     def evaluate(self, run, split="valid") -> dict:
         engine, state = run.engine, run.state
@@ -267,10 +268,9 @@ class Evaluator(Part):
     def _judge(self, run):
         """Evaluate the val split; run.improved: a better (lower) val loss than any before."""
         res, self.last, run.evaluated = self.evaluate(run), run.step, True
-        run.improved = bool(res) and (run.state.best is None or res["loss"] < run.state.best)
+        run.improved = bool(res) and (self.best is None or res["loss"] < self.best)
         if run.improved:
-            self.best_step, self.stale = run.step, 0
-            run.state = run.state.replace(best=res["loss"])
+            self.best, self.best_step, self.stale = res["loss"], run.step, 0
         elif res:
             self.stale += 1
 
@@ -291,7 +291,7 @@ class Evaluator(Part):
         self.evaluate(run, "test")
 
     def state_dict(self):
-        return {"best_step": self.best_step, "stale_evals": self.stale}
+        return {"best": self.best, "best_step": self.best_step, "stale_evals": self.stale}
 
 
 class Checkpointer(Part):

@@ -1,6 +1,7 @@
 """TrainState: everything a training step reads and writes, as one attrs object (Flax-style).
 
-Dynamic parts (checkpointed): params, opt_state, step, seed, data cursor, fp16 loss scale, best metric.
+Dynamic parts (checkpointed): params, opt_state, step, seed, data cursor, fp16 loss scale. What the loop keeps
+about the run (the best eval, the time trained) belongs to the loop's parts (thcore/parts.py), not here.
 Static parts (rebuilt from the recipe, never checkpointed): the model definition, its buffers, the optimizer,
 the learning-rate schedule and the step options.
 """
@@ -42,7 +43,6 @@ class TrainState:
     data: dict = attrs.Factory(lambda: {"epoch": 0, "index": 0})   # cursor: micro-batches consumed in this epoch
     loss_scale: float = 1.0
     good_steps: int = 0              # finite fp16 steps since the loss scale last changed
-    best: float | None = None        # best eval value so far (lower is better)
     ema: dict | None = None          # EMA of the params (options.ema_decay > 0), checkpointed as ema.safetensors
     # static
     model: nn.Module = attrs.field(eq=False, repr=False)
@@ -69,12 +69,11 @@ class TrainState:
     def meta(self) -> dict:
         # the fp16 scale may be a device tensor (step.py keeps it there on accelerators): read at save time only
         return {"step": self.step, "seed": self.seed, "data": dict(self.data), "loss_scale": float(self.loss_scale),
-                "good_steps": int(self.good_steps), "best": self.best}
+                "good_steps": int(self.good_steps)}
 
     def with_meta(self, meta: dict) -> "TrainState":
         return self.replace(step=int(meta["step"]), seed=int(meta["seed"]), data=dict(meta["data"]),
-                            loss_scale=float(meta["loss_scale"]), good_steps=int(meta["good_steps"]),
-                            best=meta.get("best"))
+                            loss_scale=float(meta["loss_scale"]), good_steps=int(meta["good_steps"]))
 
 
 def init_state(model, tx=None, *, seed: int = 0, lr: float | Callable[[int], float] = 3e-4,
