@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk, label_smoothing, ignore_index):
-        n, vocab = h.size(0), weight.size(0)
+    def forward(ctx, h, weight, bias, targets, chunk, label_smoothing, ignore_index, vocab):
+        n = h.size(0)
+        padded = vocab < weight.size(0)
         acc = torch.promote_types(weight.dtype, torch.float32)   # gradients of the weight accumulate in >= fp32
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
@@ -25,16 +26,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             out = F.linear(hc, weight, bias)            # under autocast: bf16/fp16, as the plain output layer
             logits = out.to(acc)
+            if padded:   # rows past the vocabulary (a padded output layer): no token, probability 0, no gradient
+                logits[:, vocab:] = float("-inf")
             lse = logits.logsumexp(-1)
             valid = tc != ignore_index
             tsafe = torch.where(valid, tc, 0)[:, None]
             nll = lse - logits.gather(1, tsafe).squeeze(1)
             # F.cross_entropy's label smoothing: (1 - eps) * nll + eps * mean over the vocabulary of -log p
-            per_tok = nll if eps == 0 else (1 - eps) * nll + eps * (lse - logits.mean(-1))
+            per_tok = nll if eps == 0 else (1 - eps) * nll + eps * (lse - logits[:, :vocab].mean(-1))
             loss = loss + torch.where(valid, per_tok, 0).sum()
             g = (logits - lse[:, None]).exp_()          # softmax
             if eps:
-                g.sub_(eps / vocab)
+                g[:, :vocab].sub_(eps / vocab)
             g.scatter_add_(1, tsafe, torch.full_like(tsafe, -(1 - eps), dtype=g.dtype))
             g.mul_(valid[:, None])
             gc = g.to(out.dtype)
@@ -50,11 +53,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
-                grad_b * grad_loss.to(grad_b.dtype) if grad_b is not None else None, None, None, None, None)
+                grad_b * grad_loss.to(grad_b.dtype) if grad_b is not None else None, None, None, None, None, None)
 
 
 def linear_cross_entropy(h, weight, bias, targets, chunk: int, label_smoothing: float = 0.0,
-                         ignore_index: int = -100):
+                         ignore_index: int = -100, vocab: int | None = None):
     """sum over tokens of cross_entropy(h @ weight.T + bias, targets) (targets == ignore_index left out), with
-    h [N, D], weight [V, D], bias [V] or None, targets [N]; logits are never all held at once."""
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, chunk, label_smoothing, ignore_index)
+    h [N, D], weight [V, D], bias [V] or None, targets [N]; logits are never all held at once. `vocab` < V: the
+    classes are the first `vocab` rows; the matmuls still run over all V (a padded V keeps its alignment)."""
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, chunk, label_smoothing, ignore_index,
+                                     weight.size(0) if vocab is None else vocab)

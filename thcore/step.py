@@ -34,11 +34,9 @@ def loss_fn(model, params, buffers, batch, label_smoothing: float = 0.0, ce_chun
         w, b = model.output_params
         targets = batch["targets"]
         weight = params[w]
-        vocab = getattr(model, "vocab_size", weight.shape[0])
-        if weight.shape[0] != vocab:   # a padded output layer (GPT's vocab_multiple): the real tokens' rows
-            weight = weight[:vocab]
+        # a padded output layer (GPT's vocab_multiple) runs whole; its rows past vocab_size are no class
         loss_sum = linear_cross_entropy(h.flatten(0, -2), weight, params[b] if b else None, targets.flatten(),
-                                        ce_chunk, label_smoothing, IGNORE)
+                                        ce_chunk, label_smoothing, IGNORE, getattr(model, "vocab_size", None))
         return loss_sum, (targets != IGNORE).sum()
     logits = func.apply(model, params, buffers, **inputs)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
