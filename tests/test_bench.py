@@ -190,6 +190,25 @@ def test_cuda_graphs_and_chunked_loss_compiled_equal_eager(batch):
         torch.testing.assert_close(sw.params[k], plain.params[k], rtol=1e-3, atol=2e-4)
 
 
+def test_cuda_graphs_differentiate_parameters_over_the_states_own_storage(batch, monkeypatch):
+    """Under cuda_graphs the step's leaves are Parameters aliasing the state's tensors (dynamo takes a Parameter
+    for a static input: a graph replay reads the params in place, no copy into its inputs); otherwise plain
+    leaves, aliasing them too."""
+    from thcore import step
+    seen = []
+
+    def record(model, params, *args):
+        seen.append(params)
+        return step._micro_grads(model, params, *args)
+    monkeypatch.setattr(step, "_grads_fn", lambda options: record)
+    for cuda_graphs in (True, False):
+        s = tiny_state(cuda_graphs=cuda_graphs)
+        step.local_grads(s, [batch], torch.tensor(1.0), [0])
+        for k, leaf in seen[-1].items():
+            assert isinstance(leaf, torch.nn.Parameter) == cuda_graphs and leaf.requires_grad, k
+            assert leaf.data_ptr() == s.params[k].data_ptr(), k
+
+
 def test_switches_are_refused_where_the_engine_ignores_them():
     with pytest.raises(ConfigError, match="ce_chunk=64: only used with engine='eager' or 'ddp'"):
         from_dict(LMConfig, {"data_dir": "x", "engine": "fsdp", "ce_chunk": 64})

@@ -283,5 +283,7 @@ def test_bad_translation_config_and_input(tmp_path):
         _cfg(tmp_path, data_dir="/nonexistent")
     with pytest.raises(ConfigError, match="tokenizer='sentencepiece': must be one of"):
         _cfg(tmp_path, tokenizer="sentencepiece")
+    with pytest.raises(ConfigError, match="cuda_graphs=True: translation batches vary in shape"):
+        _cfg(tmp_path, cuda_graphs=True)
     p = th("translate", str(tmp_path), check=False, input="hello\n")
     assert p.returncode == 2 and p.stderr.strip() == f"error: run_dir: {tmp_path}: no config.json (not a run directory)"

@@ -116,8 +116,11 @@ def _grads_fn(options):
 
 def local_grads(state: TrainState, microbatches, scale, seeds):
     """Sum over micro-batches of d(loss_sum * scale)/d(params): the eager engine's gradient computation."""
-    params = {k: p.detach().requires_grad_(True) for k, p in state.params.items()}
     opts = state.options
+    # under CUDA graphs the leaves are Parameters over the state's own storage: dynamo takes a Parameter for a
+    # static input, so a replay reads the params where they are instead of copying them into the graph's inputs
+    leaf = torch.nn.Parameter if opts.cuda_graphs else (lambda t: t.requires_grad_(True))
+    params = {k: leaf(p.detach()) for k, p in state.params.items()}
     fn = _grads_fn(opts)
     grads, loss_sum = None, 0.0
     for mb, s in zip(microbatches, seeds):

@@ -95,6 +95,9 @@ class TranslationConfig(Config):
                               "(a batch must hold the longest pair)")
         if self.d_model % self.num_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.cuda_graphs:   # each new batch shape would record (and keep) a graph of its own
+            raise ConfigError("cuda_graphs=True: translation batches vary in shape (sentence lengths), and CUDA "
+                              "graphs record one graph per shape; use compile=True")
         for a, b in (("train_src", "train_tgt"), ("valid_src", "valid_tgt"), ("test_src", "test_tgt")):
             if bool(getattr(self, a)) != bool(getattr(self, b)):
                 given, missing = (a, b) if getattr(self, a) else (b, a)
