@@ -91,7 +91,8 @@ def runs(tmp_path_factory):
     "stopped": `python th.py run` (it starts torchrun) of the DDP recipe, where rank 0 alone gets SIGTERM at
         step 12; the ranks must agree to stop at the next log step (15), checkpoint, exit; the same run is then
         resumed to the end by `torchrun ... launchers/multinode.py`.
-    "nodes": the same job uninterrupted, as two `torchrun --nnodes=2 --nproc_per_node=1` processes (c10d).
+    "nodes": the same job uninterrupted, as two `torchrun --nnodes=2 --nproc_per_node=1` processes (c10d),
+        rank 0 writing its checkpoints in the background (async_checkpoint).
     Every save also checks that every rank's params equal rank 0's (DDPEngine._check_replicas), or fails."""
     root = tmp_path_factory.mktemp("ddp")
     recipe, stopped, nodes = root / "stop_recipe.py", str(root / "stopped"), str(root / "nodes")
@@ -101,7 +102,8 @@ def runs(tmp_path_factory):
 
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=2", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", MULTINODE, "--recipe", RECIPE, *_args(nodes)]
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", MULTINODE, "--recipe", RECIPE,
+           *_args(nodes, async_checkpoint=True)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     try:

@@ -171,6 +171,30 @@ def test_resume_draws_the_same_windows(tmp_path, char_data):
         assert torch.equal(ref.params[k], resumed.params[k]), k
 
 
+def test_async_checkpoints_equal_the_synchronous_ones_and_resume_the_same(tmp_path, char_data):
+    """async_checkpoint=True: every checkpoint's tensors and state.json equal a synchronous run's, and a run cut
+    at step 13 and resumed from them ends bitwise where the uninterrupted run ends."""
+    from helpers import stop_after
+    runs = {}
+    for name, kw in (("sync", {}), ("async", {"async_checkpoint": True})):
+        cfg = lm_config(tmp_path, char_data, max_steps=30, checkpoint_every=10, keep_checkpoints=5,
+                        out_dir=str(tmp_path / name), **kw)
+        runs[name] = train(cfg), cfg.run_dir
+    cut = lm_config(tmp_path, char_data, max_steps=30, checkpoint_every=10, async_checkpoint=True,
+                    out_dir=str(tmp_path / "cut"))
+    with pytest.raises(Interrupted):
+        train(cut, stop_after(LMTask(cut), 13))
+    resumed = train(cut)
+    for step in (10, 20, 30):
+        a, b = (checkpoint.step_dir(runs[n][1], step) for n in ("sync", "async"))
+        checkpoint.verify(b)
+        for f in ("model.safetensors", "optimizer.safetensors"):
+            assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), (step, f)
+        assert json.load(open(os.path.join(a, "state.json"))) == json.load(open(os.path.join(b, "state.json")))
+    ref = runs["sync"][0]
+    assert resumed.step == 30 and all(torch.equal(ref.params[k], resumed.params[k]) for k in ref.params)
+
+
 class Scripted(LMTask):
     """An LM task whose val losses are given per eval, to test the loop's bookkeeping exactly."""
 

@@ -23,7 +23,9 @@ import json
 import os
 import shutil
 import sys
+import threading
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from . import tree
@@ -221,28 +223,31 @@ def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(root_of(run_dir), f"step_{step}")
 
 
-def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True,
-         files: dict | None = None, known: dict | None = None) -> str:
-    """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`.
+def _host_tensors(state, host) -> dict:
+    """{file name: {tensor name: host tensor}}: what a checkpoint holds of `state`, each tensor through `host`."""
+    out = {"model.safetensors": state.params, "optimizer.safetensors": tree.flatten(state.opt_state)}
+    if state.ema is not None:
+        out["ema.safetensors"] = state.ema
+    return {f: {k: host(f, k, v.detach()) for k, v in d.items()} for f, d in out.items()}
 
-    `files`: more {name: write(path)} entries for write_dir (the DeepSpeed and FSDP engines move their own files
-    in); `known`: their manifest entries, when their writers made them."""
-    root = root_of(run_dir)
-    final = step_dir(run_dir, state.step)
+
+def _prepare(state, run_dir: str, extra, tensors: dict | None, files: dict | None) -> tuple[str, dict, dict]:
+    """(the checkpoint dir, its writers, state.json's contents), once the space for `tensors` is checked."""
+    root, final = root_of(run_dir), step_dir(run_dir, state.step)
     _sweep(root)
     meta = {**state.meta(), **(extra or {})}
     writers = {"state.json": lambda p: _write_json(p, meta)}
-    if write_tensors:
-        params = {k: v.detach().contiguous().cpu() for k, v in state.params.items()}
-        opt = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state.opt_state).items()}
-        writers["model.safetensors"] = lambda p: save_file(params, p, metadata={"format": "pt"})
-        writers["optimizer.safetensors"] = lambda p: save_file(opt, p, metadata={"format": "pt"})
-        if state.ema is not None:
-            ema = {k: v.detach().contiguous().cpu() for k, v in state.ema.items()}
-            writers["ema.safetensors"] = lambda p: save_file(ema, p, metadata={"format": "pt"})
-        _check_space(root, final, sum(t.nbytes for d in (params, opt, ema if state.ema is not None else {})
-                                      for t in d.values()))
-    write_dir(final, {**writers, **(files or {})}, known)
+    for name, d in (tensors or {}).items():
+        writers[name] = lambda p, d=d: save_file(d, p, metadata={"format": "pt"})
+    if tensors:
+        _check_space(root, final, sum(t.nbytes for d in tensors.values() for t in d.values()))
+    return final, {**writers, **(files or {})}, meta
+
+
+def _commit(final: str, writers: dict, meta: dict, keep: int, known: dict | None) -> str:
+    """Write the checkpoint dir, point `latest` at it, then prune to the newest `keep`."""
+    root = os.path.dirname(final)
+    write_dir(final, writers, known)
     tmp = os.path.join(root, f".latest-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(os.path.basename(final) + "\n")
@@ -260,6 +265,61 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
                 continue
             shutil.rmtree(gone, ignore_errors=True)
     return final
+
+
+def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_tensors: bool = True,
+         files: dict | None = None, known: dict | None = None) -> str:
+    """Write checkpoints/step_<state.step>, point `latest` at it, then prune to the newest `keep`.
+
+    `files`: more {name: write(path)} entries for write_dir (the DeepSpeed and FSDP engines move their own files
+    in); `known`: their manifest entries, when their writers made them."""
+    tensors = _host_tensors(state, lambda f, k, t: t.contiguous().cpu()) if write_tensors else None
+    return _commit(*_prepare(state, run_dir, extra, tensors, files), keep, known)
+
+
+class BackgroundSaver:
+    """`save` as above, written by a thread of its own: the caller waits only for a host copy of the state (into
+    buffers kept from one save to the next, pinned for a GPU's tensors), then trains on while the files are
+    written, hashed and fsynced. One save at a time: the next one (and `wait`) waits for the last, and raises
+    its error, if it had one."""
+
+    def __init__(self):
+        self._buffers, self._thread, self._error = {}, None, None
+
+    def _host(self, f, k, t):
+        buf = self._buffers.get((f, k))
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._buffers[(f, k)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return buf.copy_(t, non_blocking=t.is_cuda)   # queued behind the step that made t: reads its values
+
+    def save(self, state, run_dir: str, keep: int = 3, extra: dict | None = None) -> str:
+        self.wait()
+        tensors = _host_tensors(state, self._host)
+        copied = None
+        if any(t.is_cuda for t in state.params.values()):
+            copied = torch.cuda.Event()
+            copied.record()
+        final, writers, meta = _prepare(state, run_dir, extra, tensors, None)
+        self._thread = threading.Thread(target=self._write, args=(copied, final, writers, meta, keep),
+                                        name=f"checkpoint step_{state.step}")
+        self._thread.start()
+        return final
+
+    def _write(self, copied, *args):
+        try:
+            if copied is not None:
+                copied.synchronize()
+            _commit(*args, known=None)
+        except BaseException as e:   # raised in the training thread, at its next save or wait
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        e, self._error = self._error, None
+        if e is not None:
+            raise e
 
 
 def best(run_dir: str) -> str | None:

@@ -137,6 +137,8 @@ class Config:
                                   _positive)
     resume: str = field("auto", "auto (the run dir's latest checkpoint) | never | PATH to a run dir or checkpoint",
                         "checkpoints/faults")
+    async_checkpoint: bool = field(False, "write checkpoints in a background thread: training waits only for a "
+                                   "host copy of the state (one more copy of it in host memory)", "checkpoints/faults")
     # fault tolerance (docs/RELIABILITY.md)
     checkpoint_every_s: float = field(0.0, "seconds between checkpoints; 0 = off", "checkpoints/faults",
                                       _non_negative)
@@ -228,6 +230,7 @@ class Config:
 # fields that only some engines use: FSDP and DeepSpeed run the module's own forward (no fused loss, no kernel
 # choice, no CUDA graphs of the functional step); DDP wraps the model with its loss, fused or not
 _ENGINE_FIELDS = {"ce_chunk": ("eager", "ddp"), "sdpa_backend": ("eager",), "cuda_graphs": ("eager",),
+                  "async_checkpoint": ("eager", "ddp"),
                   "ddp_comm_hook": ("ddp",), "bucket_cap_mb": ("ddp",), "powersgd_rank": ("ddp",),
                   "powersgd_start_iter": ("ddp",), "nvme_path": ("deepspeed",),
                   "dp_replicate": ("fsdp",), "dp_shard": ("fsdp",), "reshard_after_forward": ("fsdp",),

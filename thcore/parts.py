@@ -330,6 +330,7 @@ class Checkpointer(Part):
     def end(self, run):
         if self.saved != run.step or run.improved:
             self.save(run)
+        run.engine.wait_saves()   # an engine writing in the background (async_checkpoint) finishes here
 
 
 class NonFiniteStop(Part):
@@ -345,8 +346,9 @@ class NonFiniteStop(Part):
         if run.cfg.nan_policy != "stop" or bad is None or not bool(bad):
             return
         good = run.state.replace(step=run.step - 1, data=run.batch.before)
-        saved = self.checkpointer.saved == good.step
-        path = faults.latest(run.cfg.run_dir) if saved else self.checkpointer.save(run, good)
+        path = self.checkpointer.save(run, good) if self.checkpointer.saved != good.step else None
+        run.engine.wait_saves()   # (async_checkpoint) the checkpoint named below is complete
+        path = path or faults.latest(run.cfg.run_dir)
         raise faults.nonfinite(run.cfg, run.step, path, float(run.out["loss_sum"]), float(run.out["grad_norm"]))
 
 

@@ -60,6 +60,7 @@ class DDPEngine(Runtime):
         super().__init__(cfg, "engine='ddp'")
         self.start()
         self.ddp = self.forward = self.params = self._hook_state = None
+        self.saver = checkpoint.BackgroundSaver() if cfg.async_checkpoint else None   # rank 0's
 
     def init(self, state):
         state = state.to(self.device)
@@ -126,9 +127,19 @@ class DDPEngine(Runtime):
     def save(self, state, run_dir, keep=3, extra=None):
         self._check_replicas(state)
         if self.is_main:
-            checkpoint.save(state, run_dir, keep=keep, extra=extra)
-        dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
+            (self.saver or checkpoint).save(state, run_dir, keep=keep, extra=extra)
+        if self.saver is None:
+            dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
         return checkpoint.step_dir(run_dir, state.step)   # on every rank: error messages name it alike
+
+    def wait_saves(self):
+        if self.saver is None:
+            return
+        try:
+            if self.is_main:
+                self.saver.wait()
+        finally:
+            dist.barrier()   # every rank returns once the checkpoint is complete
 
     def restore(self, state, paths):
         """Every rank loads the same files, into the tensors DDP's module owns."""

@@ -78,6 +78,9 @@ class Engine:
     def num_params(self, state) -> int:
         return num_params(state.params)
 
+    def wait_saves(self) -> None:
+        """Return once every checkpoint `save` started is complete (raising a failed one's error)."""
+
     def close(self, clean: bool = True):
         pass
 
