@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DATA, shakespeare_chars, th
+from helpers import DATA, shakespeare_chars, th
 from thcore import checkpoint
 from thcore.config import ConfigError, from_dict
 from thcore.data import lm as lm_data

@@ -13,31 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, free_port, shakespeare_chars, th, tiny_config
+from helpers import (B, ENV, MULTINODE, ROOT, RUN, STEPS, TIMEOUT, assert_close, free_port, run_args,
+                     shakespeare_chars, th, tiny_config)
 from thcore.engines.eager import EagerEngine
 from thcore.loop import fit
 from thcore.metrics import read_jsonl
 from thcore.tasks.translation import TranslationTask
 
 RECIPE = os.path.join(ROOT, "recipes", "ddp_translation.py")
-MULTINODE = os.path.join(ROOT, "launchers", "multinode.py")
-B, STEPS = 8, 20   # per-rank batch; steps of every run
-RUN = {**TINY, "dropout": 0.0, "batch_size": B, "optimizer": "sgd", "lr": 0.2, "max_steps": STEPS,
-       "checkpoint_every": 10, "keep_checkpoints": 10, "demo_valid_size": 31, "demo_test_size": 8, "log_every": 5,
-       "dist_timeout_s": 120}   # a deadlocked rank dies by itself (torchrun's workers outlive a killed torchrun)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 ranks on 2 cores; also silences torchrun's banner
-TIMEOUT = 240   # seconds per launch: generous on 2 shared cores
-
-
-def _args(out, base=RUN, **kw):
-    return [f"--{k}={v}" for k, v in {**base, "out_dir": out, **kw}.items()]
-
-
 def torchrun(out, *launch, recipe=RECIPE, nproc=2, check=True, base=RUN, **kw):
     """`torchrun --nproc_per_node=N [launch...] launchers/multinode.py --recipe R --field=value...`"""
     launch = launch or ("--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launch,
-                        MULTINODE, "--recipe", recipe, *_args(out, base, **kw)],
+                        MULTINODE, "--recipe", recipe, *run_args(out, base, **kw)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     if check and p.returncode:
         raise AssertionError(f"torchrun exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
@@ -52,12 +40,6 @@ def eager(out, **kw):
 
 def params(run, step=STEPS):
     return load_file(os.path.join(run, "checkpoints", f"step_{step}", "model.safetensors"))
-
-
-def assert_close(a, b, rtol=1e-5, atol=1e-7):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 def rows(run, split):
@@ -97,13 +79,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     recipe, stopped, nodes = root / "stop_recipe.py", str(root / "stopped"), str(root / "nodes")
     recipe.write_text(STOP_RECIPE)
-    first = th("run", recipe, "--nproc=2", *_args(stopped), timeout=TIMEOUT, env=ENV, check=False)
+    first = th("run", recipe, "--nproc=2", *run_args(stopped), timeout=TIMEOUT, env=ENV, check=False)
     resumed = torchrun(stopped, recipe=str(recipe))
 
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=2", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", MULTINODE, "--recipe", RECIPE,
-           *_args(nodes, async_checkpoint=True)]
+           *run_args(nodes, async_checkpoint=True)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     try:
@@ -294,7 +276,7 @@ def test_a_stop_on_one_rank_is_agreed_and_the_same_command_resumes(runs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
 def test_nccl_on_gpus_trains_in_bf16(tmp_path):
     n = torch.cuda.device_count()
-    p = th("run", RECIPE, *_args(str(tmp_path), precision="bf16", ddp_comm_hook="bf16_compress"),
+    p = th("run", RECIPE, *run_args(str(tmp_path), precision="bf16", ddp_comm_hook="bf16_compress"),
            timeout=TIMEOUT)
     assert f"x {n} ranks" in p.stdout + p.stderr and "engine ddp on cuda:0" in p.stdout + p.stderr
     losses = [r["loss"] for r in rows(str(tmp_path), "train")]

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import DATA, th
+from helpers import DATA, th
 from thcore import decode, func
 from thcore.config import ConfigError
 from thcore.data.loader import token_batches
@@ -200,7 +200,7 @@ def _data_dir(tmp_path, train=3000, valid=100, test=60, name="m30k"):
 
 
 def _cfg(out, **kw):
-    from conftest import TINY
+    from helpers import TINY
     from thcore.config import from_dict
     from thcore.tasks.translation import TranslationConfig
     return from_dict(TranslationConfig, {**TINY, "name": "t", "out_dir": str(out), **kw})

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, free_port, shakespeare_chars, th
+from helpers import ROOT, TINY, free_port, shakespeare_chars, th
 from thcore import checkpoint
 
 SINGLE = os.path.join(ROOT, "recipes", "single_translation.py")
@@ -165,7 +165,7 @@ def test_every_checkpoint_damaged_is_refused_without_risky_advice(runs, tmp_path
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_from_an_older_checkpoint_keeps_tensorboard_and_records_the_start(runs, tmp_path, nproc):
-    from test_logs import assert_same_history, jsonl_history
+    from helpers import assert_same_history, jsonl_history
     recipe, run = (SINGLE if nproc == 1 else DDP), str(tmp_path / "run")
     shutil.copytree(runs[nproc], run)
     older = os.path.join(run, "checkpoints", "step_5")

@@ -13,13 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import ROOT, free_port, shakespeare_chars
+from helpers import ROOT, SCRIPTS, free_port, probe_batch, probe_state, shakespeare_chars
 from thcore import step as step_mod
 from thcore import tree
 from thcore.config import Config, from_dict
@@ -136,28 +134,7 @@ def test_the_counter_sees_a_per_step_sync(tmp_path, char_data, monkeypatch):
 
 
 # -- fused kernels skip a non-finite step themselves -----------------------------------------------------
-class Probe(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-        self.out = nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.lin(x)))
-
-
-def probe_state(impl="fused", **options):
-    return init_state(Probe, AdamW(weight_decay=0.1, impl=impl), seed=0, lr=1e-2, options=StepOptions(**options))
-
-
-def probe_batch(seed=0, bad=False):
-    g = torch.Generator().manual_seed(seed)
-    batch = {"x": torch.randn(8, 4, generator=g), "targets": torch.randint(0, 3, (8,), generator=g)}
-    if bad:
-        batch["x"][3, 1] = float("nan")   # NaN survives tanh: a non-finite loss
-    return batch
-
-
+# Probe, probe_state, probe_batch: a two-layer model and its batches (tests/helpers.py)
 def same(a, b) -> bool:
     la, lb = tree.tree_leaves(a), tree.tree_leaves(b)
     return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
@@ -230,37 +207,9 @@ def test_fp16_scale_on_the_device_decides_as_the_host_did(monkeypatch, impl):
     assert json.loads(json.dumps(meta))["loss_scale"] == scales[-1]
 
 
-DDP_FP16 = textwrap.dedent('''
-    import json, os, sys
-    import torch
-    sys.path.insert(0, {tests!r})
-    from test_gpu_readiness import probe_batch, probe_state
-    from thcore import step as step_mod
-    from thcore.config import Config
-    from thcore.engines.ddp import DDPEngine
-    if sys.argv[1] == "device":
-        step_mod._host_check_is_free = lambda device: False
-    torch.set_num_threads(1)
-    engine = DDPEngine(Config(engine="ddp", device="cpu", dist_timeout_s=60))
-    state = engine.init(probe_state("fused", precision="fp16"))
-    before = {{k: v.clone() for k, v in state.params.items()}}
-    # rank 1 alone gets an inf: its local loss is inf, rank 0's is finite; the all-reduced gradients overflow
-    state, m = engine.step(state, [probe_batch(engine.rank, bad=engine.rank == 1)])
-    out = {{"rank": engine.rank, "scale": float(state.loss_scale), "kept": all(torch.equal(before[k], v)
-           for k, v in state.params.items()), "skipped": bool(m.get("skipped", False))}}
-    state, m = engine.step(state, [probe_batch(2 + engine.rank)])   # and the next step trains on both
-    out["scale_after"] = float(state.loss_scale)
-    out["sum"] = sum(float(v.double().sum()) for v in state.params.values())
-    sys.stdout.write(json.dumps(out) + chr(10))   # one write: the two ranks share the pipe
-    sys.stdout.flush()
-    engine.close()
-''')
-
-
 @pytest.mark.parametrize("path", ["host", "device"])
 def test_fp16_ddp_ranks_agree_on_the_scale_after_a_local_overflow(tmp_path, path):
-    script = tmp_path / "ddp_fp16.py"
-    script.write_text(DDP_FP16.format(tests=os.path.join(ROOT, "tests")))
+    script = os.path.join(SCRIPTS, "ddp_fp16.py")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), path],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -432,7 +381,7 @@ def test_gpu_resume_is_bitwise_the_uninterrupted_run(tmp_path, char_data):
 
 
 def test_deterministic_cuda_is_inert_on_cpu_and_sets_both_on_cuda(monkeypatch):
-    from conftest import CUBLAS_DETERMINISTIC, deterministic_cuda
+    from helpers import CUBLAS_DETERMINISTIC, deterministic_cuda
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with deterministic_cuda():

@@ -1,7 +1,7 @@
-"""A torchrun worker (tests/test_fsdp.py): build a GPT on the meta device and shard it with the FSDP engine,
+"""A torchrun worker (tests/integration/test_fsdp.py): build a GPT on the meta device and shard it with the FSDP engine,
 measuring this rank's peak host memory, then check the shards against the model built whole.
 
-    torchrun --nproc_per_node=N tests/fsdp_build.py OUT_DIR
+    torchrun --nproc_per_node=N tests/scripts/fsdp_build.py OUT_DIR
 
 Writes OUT_DIR/rank<r>.json: {"whole_mb", "shard_mb", "build_peak_mb", "whole_peak_mb", "equal"}. Peaks are the
 growth of the process's resident set (VmHWM, reset through /proc/self/clear_refs) over what it held before."""
@@ -18,7 +18,7 @@ from thcore.optim import SGD
 from thcore.recipe import configure
 from thcore.weights import build
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/scripts/ -> the repo
 # 8 blocks of width 768 and an uneven vocabulary (8191 rows do not split evenly over the ranks): 63M fp32 params
 SHAPE = dict(vocab_size=8191, block_size=256, n_layer=8, n_head=12, n_embd=768)
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import shakespeare_chars, th
+from helpers import shakespeare_chars, th
 from thcore import perf
 from thcore.config import ConfigError, from_dict
 from thcore.engines.eager import EagerEngine
@@ -260,7 +260,7 @@ def test_bench_flags_are_one_config_class():
 def test_bench_times_the_fsdp_engine():
     """One process, a real FSDP2 engine (a 1-rank mesh): the same JSON as every engine."""
     import json
-    from conftest import th
+    from helpers import th
     out = json.loads(th("bench", "--engine=fsdp", "--offload=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32",
                         "--vocab_size=128", "--batch_size=2", "--seq_len=32", "--steps=2", "--rounds=1",
                         "--warmup=1", "--threads=1", "--json").stdout)

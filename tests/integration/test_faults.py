@@ -21,9 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import ROOT, free_port, th
-from fault_recipe import poisoned
-from test_ddp import ENV, RUN, TIMEOUT, _args
+from helpers import ENV, MULTINODE, ROOT, RUN, TEST_RECIPES, TIMEOUT, free_port, poisoned, run_args, th
 from thcore import checkpoint, faults
 from thcore import step as step_mod
 from thcore.checkpoint import CheckpointError
@@ -38,8 +36,7 @@ from thcore.state import StepOptions, init_state
 from thcore.step import train_step
 from thcore.tasks.translation import TranslationConfig, TranslationTask
 
-RECIPE = os.path.join(ROOT, "tests", "fault_recipe.py")
-MULTINODE = os.path.join(ROOT, "launchers", "multinode.py")
+RECIPE = os.path.join(TEST_RECIPES, "fault_recipe.py")
 SMALL_EVAL = dict(demo_valid_size=8, demo_test_size=8)   # the final evals decode: keep them short
 
 
@@ -133,7 +130,7 @@ def test_stop_policy_saves_the_last_good_state_and_exits_naming_the_step(tmp_pat
     """`th.py run ... --nan_policy=stop`: exit status 3, one line naming step 7, and checkpoints/step_6 is bitwise
     the step-6 checkpoint of a run that never saw the bad batch."""
     cut, ref = str(tmp_path / "cut"), str(tmp_path / "ref")
-    p = th("run", RECIPE, *_args(cut, engine="eager", nan_policy="stop", checkpoint_every=4, max_steps=12),
+    p = th("run", RECIPE, *run_args(cut, engine="eager", nan_policy="stop", checkpoint_every=4, max_steps=12),
            env={**ENV, "TH_FAULT_NAN_STEP": "7"}, check=False, timeout=TIMEOUT)
     assert p.returncode == 3, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
@@ -524,8 +521,8 @@ def test_kill_9_of_a_worker_under_torchrun_max_restarts_ends_bitwise_equal(tmp_p
     all-reduced gradients make every rank skip it)."""
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     env = {**ENV, "TH_FAULT_NAN_STEP": "4"}
-    th("run", RECIPE, "--nproc=2", *_args(ref), env=env, timeout=TIMEOUT)
-    p = th("run", RECIPE, "--nproc=2", "--max_restarts=1", *_args(cut), env={**env, "TH_FAULT_KILL_STEP": "13"},
+    th("run", RECIPE, "--nproc=2", *run_args(ref), env=env, timeout=TIMEOUT)
+    p = th("run", RECIPE, "--nproc=2", "--max_restarts=1", *run_args(cut), env={**env, "TH_FAULT_KILL_STEP": "13"},
            timeout=TIMEOUT)
     log = p.stdout + p.stderr
     assert "exitcode: -9" in log and f"resumed from {cut}/checkpoints/step_10 at step 10" in log, log[-4000:]
@@ -540,7 +537,7 @@ def test_an_eager_run_with_max_restarts_is_supervised_by_torchrun(tmp_path):
     """`th.py run --engine=eager --max_restarts=1`: one process under torchrun; killed at step 13, it is restarted
     and ends bitwise where the same run in this process (one thread, as the child) ends."""
     cut, ref = str(tmp_path / "cut"), str(tmp_path / "ref")
-    p = th("run", RECIPE, "--engine=eager", "--max_restarts=1", *_args(cut, **SMALL_EVAL), timeout=TIMEOUT,
+    p = th("run", RECIPE, "--engine=eager", "--max_restarts=1", *run_args(cut, **SMALL_EVAL), timeout=TIMEOUT,
            env={**ENV, "TH_FAULT_KILL_STEP": "13", "TH_FAULT_KILL_RANK": "0"})
     log = p.stdout + p.stderr
     assert "exitcode: -9" in log and f"resumed from {cut}/checkpoints/step_10 at step 10" in log, log[-4000:]
@@ -571,7 +568,7 @@ def test_a_dead_or_hung_peer_ends_the_survivor_within_the_timeout(tmp_path, sig)
     timeout_s, out = 6, str(tmp_path / "run")
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "TH_FAULT_KILL_STEP": "13", "TH_FAULT_SIGNAL": sig}
-    cmd = [sys.executable, MULTINODE, "--recipe", RECIPE, *_args(out, max_steps=40, dist_timeout_s=timeout_s)]
+    cmd = [sys.executable, MULTINODE, "--recipe", RECIPE, *run_args(out, max_steps=40, dist_timeout_s=timeout_s)]
     logs = [open(tmp_path / f"rank{r}.log", "w+") for r in (0, 1)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
                               stderr=subprocess.STDOUT) for r in (0, 1)]

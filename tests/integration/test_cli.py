@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, th
+from helpers import ROOT, th
 
 HELP_FORMS = (["--help"], ["-h"], ["--", "--help"])
 

@@ -1,7 +1,7 @@
 """The FSDP engine (FSDP2, `fully_shard`) for real: torchrun with 2 gloo processes, checked against the eager
 engine on the same data and seed, and its checkpoints resumed under other engines and world sizes.
 
-As in tests/test_ddp.py: dropout 0 (each rank draws its own masks) and SGD (its update is linear in the gradient,
+As in tests/integration/test_ddp.py: dropout 0 (each rank draws its own masks) and SGD (its update is linear in the gradient,
 so the reduction order's rounding stays at rounding level)."""
 import json
 import os
@@ -12,18 +12,13 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, shakespeare_chars, th, tiny_config
-from conftest import free_port
-from test_ddp import ENV, MULTINODE, TIMEOUT, assert_close
+from helpers import (B, ENV, MULTINODE, ROOT, RUN, SCRIPTS, STEPS, TIMEOUT, assert_close, free_port,
+                     shakespeare_chars, th, tiny_config)
 from thcore.shards import Reader
 from thcore.engines.eager import EagerEngine
 from thcore.loop import fit
 from thcore.tasks.translation import TranslationTask
 
-B, STEPS = 8, 20
-RUN = {**TINY, "dropout": 0.0, "batch_size": B, "optimizer": "sgd", "lr": 0.2, "max_steps": STEPS,
-       "checkpoint_every": 10, "keep_checkpoints": 10, "demo_valid_size": 31, "demo_test_size": 8, "log_every": 5,
-       "dist_timeout_s": 120}
 TRANSLATION = os.path.join(ROOT, "recipes", "ddp_translation.py")
 GPT = os.path.join(ROOT, "recipes", "gpt2_shakespeare_char_cpu.py")
 GPT_RUN = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0, "batch_size": 4,
@@ -111,7 +106,7 @@ def test_accumulation_and_activation_checkpointing(tmp_path):
 
 def test_gpt_with_cpu_offload_equals_ddp(tmp_path, chars):
     """A GPT rank draws its own random windows (data/lm.py: the seed, the batch index and the rank), so 2 ranks
-    x B are not 1 x 2B windows: the peer with the same batches is DDP, itself equal to eager (tests/test_ddp.py)."""
+    x B are not 1 x 2B windows: the peer with the same batches is DDP, itself equal to eager (tests/integration/test_ddp.py)."""
     fsdp(str(tmp_path / "f"), recipe=GPT, data_dir=chars, offload="cpu")
     fsdp(str(tmp_path / "d"), recipe=GPT, data_dir=chars, engine="ddp")
     _close(params(str(tmp_path / "f")), params(str(tmp_path / "d")))
@@ -165,7 +160,7 @@ def test_a_model_built_on_meta_is_drawn_shard_by_shard_as_the_whole_one(tmp_path
     The whole build, measured the same way, grows by the model: the measurement can tell them apart."""
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=1",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                        os.path.join(ROOT, "tests", "fsdp_build.py"), str(tmp_path)],
+                        os.path.join(SCRIPTS, "fsdp_build.py"), str(tmp_path)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr[-6000:]
     for r in range(4):

@@ -2,7 +2,7 @@
 import pytest
 import torch.nn.functional as F
 
-from conftest import shakespeare_chars
+from helpers import shakespeare_chars
 from thcore import func
 from thcore.config import ConfigError, from_dict
 from thcore.step import train_step

@@ -8,7 +8,7 @@ import sys
 import pytest
 import sacrebleu
 
-from conftest import ROOT, TINY, free_port, th
+from helpers import ROOT, SCRIPTS, TINY, free_port, th
 from thcore.config import ConfigError
 from thcore.data import demo
 from thcore.scores import bleu_tokenizer, corpus_scores
@@ -40,7 +40,7 @@ def test_tokenizer_choice_per_language_and_override():
 
 
 def test_task_on_a_chinese_target_uses_zh(tmp_path):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from thcore.tasks.translation import TranslationTask
     d = tmp_path / "zh"
     d.mkdir()
@@ -89,7 +89,7 @@ def test_two_processes_score_exactly_as_one(trained_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                        os.path.join(ROOT, "tests", "dist_eval.py"), str(run)],
+                        os.path.join(SCRIPTS, "dist_eval.py"), str(run)],
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     two = json.loads(p.stdout.strip().splitlines()[-1])

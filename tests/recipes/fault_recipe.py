@@ -1,4 +1,4 @@
-"""The DDP translation recipe with faults injected through environment variables (tests/test_faults.py):
+"""The DDP translation recipe with faults injected through environment variables (tests/integration/test_faults.py):
 
     TH_FAULT_NAN_STEP=k [TH_FAULT_NAN_RANK=r]     step k's batch on rank r (default 0) has an infinite loss
     TH_FAULT_KILL_STEP=k [TH_FAULT_KILL_RANK=r]   rank r (default 1) sends itself TH_FAULT_SIGNAL (KILL or STOP)
@@ -8,6 +8,7 @@
 Steps count from 1 and are counted within the first epoch."""
 import os
 import signal
+import sys
 
 import torch
 
@@ -15,24 +16,15 @@ import thcore.engines.ddp
 import thcore.step
 from recipes import ddp_translation as base
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/, for helpers
+from helpers import poisoned  # noqa: E402
+
 Config = base.Config
 
 
 def _env(name, default=None):
     v = os.environ.get(name)
     return int(v) if v else default
-
-
-def poisoned(loss_fn):
-    """loss_fn, with an infinite loss for a batch that carries the key "poison" (as a bad batch would give)."""
-    def fn(model, params, buffers, batch, *args, **kwargs):
-        if "poison" not in batch:
-            return loss_fn(model, params, buffers, batch, *args, **kwargs)
-        loss_sum, ntok = loss_fn(model, params, buffers, {k: v for k, v in batch.items() if k != "poison"},
-                                 *args, **kwargs)
-        return loss_sum * float("inf"), ntok
-    fn.poisoned = True
-    return fn
 
 
 def build(cfg):

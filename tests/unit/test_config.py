@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from thcore.config import ConfigError, from_dict, load_json
 from thcore.recipe import configure
 from thcore.tasks.translation import TranslationConfig

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from helpers import stop_after
 from thcore.data.loader import step_batches
 from thcore.engines.eager import EagerEngine

@@ -1,7 +1,7 @@
 """The README's demo, exactly as a user runs it: it must reach its bar (held-out exact match >= 0.90)."""
 import os
 
-from conftest import th
+from helpers import th
 from thcore.metrics import read_jsonl
 
 

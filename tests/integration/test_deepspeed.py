@@ -26,15 +26,15 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT, TINY, free_port, shakespeare_chars, th  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/ (run as the worker)
+from helpers import ROOT, TEST_RECIPES, TINY, free_port, run_args, shakespeare_chars, th  # noqa: E402
 from helpers import stop_after  # noqa: E402
 
 K = 6   # steps per equivalence run
 ZERO2 = os.path.join(ROOT, "recipes", "zero2_translation.py")
 ZERO3_GPT = os.path.join(ROOT, "recipes", "zero3_gpt.py")
 SINGLE = os.path.join(ROOT, "recipes", "single_translation.py")
-FAULTS = os.path.join(ROOT, "tests", "fault_recipe.py")
+FAULTS = os.path.join(TEST_RECIPES, "fault_recipe.py")
 # max_len 24 holds every demo sentence (<= 18 tokens with eos) and bounds greedy decoding at eval
 BASE = {**TINY, "max_steps": K, "log_every": 1, "max_len": 24, "demo_valid_size": 32, "demo_test_size": 8,
         "lr_schedule": "constant"}
@@ -103,10 +103,10 @@ def configure(recipe=ZERO2, **kw):
     return conf(recipe, kw)
 
 
-# -- the worker: what torchrun starts (python tests/test_deepspeed.py worker SPEC OUT) ---------------------------
+# -- the worker: what torchrun starts (python tests/integration/test_deepspeed.py worker SPEC OUT) ---------------------------
 
 def _poison_at(task, step, accum):
-    """Step `step`'s first micro-batch (on every rank) gets an infinite loss (tests/fault_recipe.py's poisoned
+    """Step `step`'s first micro-batch (on every rank) gets an infinite loss (tests/helpers.py's poisoned
     loss_fn)."""
     import torch
     orig = task.train_loader
@@ -122,7 +122,7 @@ def worker(spec_path: str, out: str):
     import torch.distributed as dist
 
     import thcore.step
-    from fault_recipe import poisoned
+    from helpers import poisoned
     from thcore.engines.deepspeed import DeepSpeedEngine
     from thcore.loop import Interrupted, fit
     thcore.step.loss_fn = poisoned(thcore.step.loss_fn)   # what LossModule calls; only a marked batch changes
@@ -419,16 +419,15 @@ def test_nan_policy_stop_exits_3_naming_the_step(tmp_path):
     """`th.py run ... --engine=deepspeed --nproc=2 --nan_policy=stop` (ZeRO-2): exit status 3, one line naming
     step 7, and the step-6 checkpoint saved on the way out is the uninterrupted run's step 6, bitwise."""
     from thcore.engines.deepspeed import consolidate
-    from test_ddp import _args
     cut, ref = tmp_path / "cut", tmp_path / "ref"
     common = dict(engine="deepspeed", zero_stage=2, checkpoint_every=4)
-    p = th("run", FAULTS, "--nproc=2", *_args(cut, nan_policy="stop", max_steps=12, **common),
+    p = th("run", FAULTS, "--nproc=2", *run_args(cut, nan_policy="stop", max_steps=12, **common),
            env={**ENV, "TH_FAULT_NAN_STEP": "7"}, check=False, timeout=TIMEOUT)
     assert p.returncode == 3, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step 7: non-finite loss or gradients") and "nan_policy='stop'" in last, last
     assert f"{cut}/checkpoints/step_6" in last, last
-    th("run", FAULTS, "--nproc=2", *_args(ref, max_steps=6, **common), env=ENV, timeout=TIMEOUT)
+    th("run", FAULTS, "--nproc=2", *run_args(ref, max_steps=6, **common), env=ENV, timeout=TIMEOUT)
     (a, opt_a, _), (b, opt_b, _) = (consolidate(os.path.join(r, "checkpoints", "step_6")) for r in (cut, ref))
     assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
 

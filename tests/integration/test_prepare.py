@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, th
+from helpers import DATA, ROOT, th
 from thcore.config import ConfigError
 from thcore.data import corpus, lm
 from thcore.data import translation as tdata
@@ -200,7 +200,7 @@ def _m30k(tmp_path, train=1200, valid=40, test=30):
 
 
 def _cfg(out, **kw):
-    from conftest import TINY
+    from helpers import TINY
     from thcore.config import from_dict
     from thcore.tasks.translation import TranslationConfig
     return from_dict(TranslationConfig, {**TINY, "name": "t", "out_dir": str(out), **kw})

@@ -9,7 +9,7 @@ from importlib.metadata import packages_distributions
 import attrs
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 SOURCES = [os.path.join(d, f) for top in ("thcore", "launchers") for d, _, fs in os.walk(os.path.join(ROOT, top))
            for f in fs if f.endswith(".py")] + [os.path.join(ROOT, "th.py")]

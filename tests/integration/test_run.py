@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, ROOT, th
+from helpers import DATA, ROOT, th
 from helpers import stop_after
 from thcore import checkpoint
 from thcore.config import ConfigError
@@ -87,7 +87,7 @@ def test_graceful_stop_then_resume_is_bitwise_equal(tiny, tmp_path):
 
 
 def _tiny_args(out, **kw):
-    from conftest import TINY
+    from helpers import TINY
     return [f"--{k}={v}" for k, v in {**TINY, "out_dir": out, **kw}.items()]
 
 

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from conftest import ROOT, TINY, th
+from helpers import ROOT, TINY, assert_same_history, jsonl_history, th
 from thcore import metrics
 from thcore.config import ConfigError
 from thcore.engines.eager import EagerEngine
@@ -24,32 +24,6 @@ SMALL = dict(demo_valid_size=8, demo_test_size=8)
 
 def train(cfg):
     return fit(cfg, TranslationTask(cfg), EagerEngine(cfg))
-
-
-def tensorboard_history(run_dir) -> dict:
-    """{tag: [(step, value), ...]} as TensorBoard itself reads the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def jsonl_history(run_dir) -> dict:
-    """The same shape from metrics.jsonl (every numeric field but step)."""
-    out = {}
-    for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
-        for k, v in row.items():
-            if k not in ("step", "split"):
-                out.setdefault(f"{row['split']}/{k}", []).append((row["step"], v))
-    return out
-
-
-def assert_same_history(run_dir):
-    tb, js = tensorboard_history(run_dir), jsonl_history(run_dir)
-    assert tb.keys() == js.keys()
-    for tag in js:
-        assert [s for s, _ in tb[tag]] == [s for s, _ in js[tag]], tag
-        assert [v for _, v in tb[tag]] == pytest.approx([v for _, v in js[tag]], rel=1e-6), tag
 
 
 def test_tensorboard_and_metrics_jsonl_agree_after_resuming_from_an_older_checkpoint(tiny, capsys, monkeypatch):

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 from thcore import checkpoint, research, tree
 from thcore.config import ConfigError
 from thcore.data import demo
