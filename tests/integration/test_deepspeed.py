@@ -103,7 +103,7 @@ def configure(recipe=ZERO2, **kw):
     return conf(recipe, kw)
 
 
-# -- the worker: what torchrun starts (python tests/integration/test_deepspeed.py worker SPEC OUT) ---------------------------
+# -- the worker: what torchrun starts (python tests/integration/test_deepspeed.py worker SPEC OUT) --------------
 
 def _poison_at(task, step, accum):
     """Step `step`'s first micro-batch (on every rank) gets an infinite loss (tests/helpers.py's poisoned

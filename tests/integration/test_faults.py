@@ -1,9 +1,9 @@
-"""Fault tolerance (issue 8; the table is docs/RELIABILITY.md): each fault is injected for real, then what it
+"""Fault tolerance (the table is docs/RELIABILITY.md): each fault is injected for real, then what it
 left behind is checked.
 
-CPU, gloo, bounded time: multi-process runs use tests/test_ddp.py's tiny config with a short collective timeout;
-faults come from tests/fault_recipe.py (environment variables). Crashes during a save run in forked children, so no
-child re-imports torch."""
+CPU, gloo, bounded time: multi-process runs use tests/helpers.py's tiny DDP config (RUN) with a short collective
+timeout; faults come from tests/recipes/fault_recipe.py (environment variables). Crashes during a save run in forked
+children, so no child re-imports torch."""
 import os
 import random
 import resource

@@ -1,8 +1,8 @@
 """The FSDP engine (FSDP2, `fully_shard`) for real: torchrun with 2 gloo processes, checked against the eager
 engine on the same data and seed, and its checkpoints resumed under other engines and world sizes.
 
-As in tests/integration/test_ddp.py: dropout 0 (each rank draws its own masks) and SGD (its update is linear in the gradient,
-so the reduction order's rounding stays at rounding level)."""
+As in tests/integration/test_ddp.py: dropout 0 (each rank draws its own masks) and SGD (its update is linear in the
+gradient, so the reduction order's rounding stays at rounding level)."""
 import json
 import os
 import shutil
@@ -106,7 +106,8 @@ def test_accumulation_and_activation_checkpointing(tmp_path):
 
 def test_gpt_with_cpu_offload_equals_ddp(tmp_path, chars):
     """A GPT rank draws its own random windows (data/lm.py: the seed, the batch index and the rank), so 2 ranks
-    x B are not 1 x 2B windows: the peer with the same batches is DDP, itself equal to eager (tests/integration/test_ddp.py)."""
+    x B are not 1 x 2B windows: the peer with the same batches is DDP, itself equal to eager
+    (tests/integration/test_ddp.py)."""
     fsdp(str(tmp_path / "f"), recipe=GPT, data_dir=chars, offload="cpu")
     fsdp(str(tmp_path / "d"), recipe=GPT, data_dir=chars, engine="ddp")
     _close(params(str(tmp_path / "f")), params(str(tmp_path / "d")))

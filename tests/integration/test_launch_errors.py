@@ -1,4 +1,4 @@
-"""Bad input on every launch path (issue 14): one `error:` line naming the field, file or line, the right exit
+"""Bad input on every launch path: one `error:` line naming the field, file or line, the right exit
 status, no traceback; a start that fails leaves the run directory byte for byte as it was; commands that read a
 checkpoint name the damaged ones they skip.
 

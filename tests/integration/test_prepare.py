@@ -1,4 +1,4 @@
-"""Corpora of any size (issue 18): `th.py prepare` streams LM inputs (files, directories, globs, .gz, JSON Lines)
+"""Corpora of any size: `th.py prepare` streams LM inputs (files, directories, globs, .gz, JSON Lines)
 in bounded memory with today's Shakespeare output, and prepares translation corpora once into token memmaps that
 runs read on every rank."""
 import gzip

@@ -1,4 +1,4 @@
-"""Translation on real corpora (issue 5): subword tokenizers, token-count batching, incremental decoding and
+"""Translation on real corpora: subword tokenizers, token-count batching, incremental decoding and
 beam search, BLEU, `th.py translate` / `th.py eval`, the time budget and bad input."""
 import json
 import os

@@ -5,19 +5,17 @@
   torch.cuda.synchronize) over N fit-loop steps on the accelerator path (`step._host_check_is_free` -> False:
   what CUDA runs) allows one per log step.
 - No per-step copies: torch's fused AdamW skips a non-finite step itself (found_inf) exactly as the select did.
-- The fp16 loss scale lives on the device and every DDP rank takes the same decision after a local overflow.
+- The fp16 loss scale lives on the device (every DDP rank's decision: tests/integration/test_fp16_ddp.py).
 - Every parameter is stored once after engine.init; a padded vocabulary keeps Hugging Face's logits.
 The `gpu`-marked twins run the same checks on CUDA with torch's own sync detector and allocator counters.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, SCRIPTS, free_port, probe_batch, probe_state, shakespeare_chars
+from helpers import probe_batch, probe_state, shakespeare_chars
 from thcore import step as step_mod
 from thcore import tree
 from thcore.config import Config, from_dict
@@ -207,21 +205,6 @@ def test_fp16_scale_on_the_device_decides_as_the_host_did(monkeypatch, impl):
     assert json.loads(json.dumps(meta))["loss_scale"] == scales[-1]
 
 
-@pytest.mark.parametrize("path", ["host", "device"])
-def test_fp16_ddp_ranks_agree_on_the_scale_after_a_local_overflow(tmp_path, path):
-    script = os.path.join(SCRIPTS, "ddp_fp16.py")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), path],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    ranks = sorted((json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")), key=lambda r: r["rank"])
-    assert len(ranks) == 2
-    for r in ranks:   # both halved the scale and skipped the update
-        assert r["scale"] == 2.0 ** 15 and r["kept"] and r["skipped"] and r["scale_after"] == 2.0 ** 15
-    assert ranks[0]["sum"] == ranks[1]["sum"]   # replicas still equal after the next step
-
-
 # -- stored once ------------------------------------------------------------------------------------------
 def storages(tensors) -> set:
     return {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
@@ -368,7 +351,7 @@ def test_gpu_memory_after_init_is_the_state_alone():
 @pytest.mark.bitwise
 @cuda
 def test_gpu_resume_is_bitwise_the_uninterrupted_run(tmp_path, char_data):
-    """As on CPU (tests/test_lm.py): cut at step 4 and resumed, the fp32 run ends bitwise equal to the one that never
+    """As on CPU (tests/integration/test_lm.py): cut at step 4 and resumed, the fp32 run ends bitwise equal to the one that never
     stopped; the deterministic kernels (conftest's deterministic_cuda) make the comparison meaningful."""
     assert torch.are_deterministic_algorithms_enabled()
     quiet = dict(log=lambda *a, **k: None)

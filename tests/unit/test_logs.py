@@ -1,7 +1,7 @@
-"""What a run leaves to read (issues 13 and 14): TensorBoard and metrics.jsonl tell the same history after a
-resume (read back with tensorboard's own EventAccumulator), the config history of a resume with changed fields,
-plain text lines off a terminal and the bar on one, the Weights & Biases sink (a fake module here, W&B's offline
-mode in the subprocess test: nothing reaches the network)."""
+"""What a run leaves to read: TensorBoard and metrics.jsonl tell the same history after a resume (read back with
+tensorboard's own EventAccumulator), the config history of a resume with changed fields, plain text lines off a
+terminal and the bar on one, the Weights & Biases sink (a fake wandb module; W&B's own offline mode under
+`th.py run` is tests/integration/test_wandb_offline.py)."""
 import glob
 import importlib.machinery
 import json
@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from helpers import ROOT, TINY, assert_same_history, jsonl_history, th
+from helpers import TINY, assert_same_history, jsonl_history, th
 from thcore import metrics
 from thcore.config import ConfigError
 from thcore.engines.eager import EagerEngine
@@ -130,19 +130,3 @@ def test_wandb_without_the_package_is_one_line_before_any_work(tiny, monkeypatch
     with pytest.raises(ConfigError, match=r"wandb_project='p': needs the wandb package: pip install -e '\.\[wandb\]'"):
         train(cfg)
     assert not os.path.exists(cfg.run_dir)
-
-
-def test_wandb_offline_run_is_written_beside_the_metrics(tmp_path):
-    pytest.importorskip("wandb")
-    out = tmp_path / "run"
-    # offline: W&B writes its run file locally; the proxies make any attempt to reach a server fail at once
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9", "WANDB_DIR": str(tmp_path)}
-    th("run", os.path.join(ROOT, "recipes", "single_translation.py"), "--wandb_project=th-offline",
-       *[f"--{k}={v}" for k, v in {**TINY, **SMALL, "max_steps": 10, "out_dir": str(out)}.items()],
-       env=env, timeout=300)
-    (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
-    with open(run_file, "rb") as f:
-        data = f.read()
-    assert b"train/loss" in data and b"th-offline" in data
-    assert len([r for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "train"]) == 2
