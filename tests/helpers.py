@@ -57,6 +57,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def multi30k_dir(tmp_path, train, valid, test, name="m30k") -> str:
+    """The first lines of Multi30k (train, valid and test lines of each language) in tmp_path/name, the files
+    named as --data_dir expects."""
+    from thcore.data.translation import read_lines
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    for split, n in (("train", train), ("valid", valid), ("test", test)):
+        for lang in ("en", "de"):
+            lines = read_lines(os.path.join(DATA, "multi30k-en-de", f"{split}.{lang}"), split)[:n]
+            (d / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines))
+    return str(d)
+
+
 # -- multi-process runs on this machine: torchrun with gloo, the tiny DDP translation run ----------------------
 B, STEPS = 8, 20   # per-rank batch; steps of every RUN
 RUN = {**TINY, "dropout": 0.0, "batch_size": B, "optimizer": "sgd", "lr": 0.2, "max_steps": STEPS,
@@ -79,6 +92,12 @@ def assert_close(a, b, rtol=1e-5, atol=1e-7):
 
 
 # -- what a run leaves to read ----------------------------------------------------------------------------
+def rows(run, split):
+    """The metrics.jsonl lines of `split` ("train", "val", "test") of the run directory `run`."""
+    from thcore.metrics import read_jsonl
+    return [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == split]
+
+
 def tensorboard_history(run_dir) -> dict:
     """{tag: [(step, value), ...]} as TensorBoard itself reads the run's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (B, ENV, MULTINODE, ROOT, RUN, STEPS, TIMEOUT, assert_close, free_port, run_args,
-                     shakespeare_chars, th, tiny_config)
+from helpers import (B, ENV, MULTINODE, ROOT, RUN, STEPS, TEST_RECIPES, TIMEOUT, assert_close, free_port, rows,
+                     run_args, shakespeare_chars, th, tiny_config)
 from thcore.engines.eager import EagerEngine
 from thcore.loop import fit
-from thcore.metrics import read_jsonl
 from thcore.tasks.translation import TranslationTask
 
 RECIPE = os.path.join(ROOT, "recipes", "ddp_translation.py")
@@ -42,28 +41,7 @@ def params(run, step=STEPS):
     return load_file(os.path.join(run, "checkpoints", f"step_{step}", "model.safetensors"))
 
 
-def rows(run, split):
-    return [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == split]
-
-
-STOP_RECIPE = f'''
-import os, signal
-from recipes import ddp_translation as base
-Config = base.Config
-
-def build(cfg):
-    """The DDP recipe, but rank 0 alone gets SIGTERM after its 12th batch (in the first run only)."""
-    task = base.build(cfg)
-    orig = task.train_loader
-
-    def loader(epoch, start, engine):
-        for i, b in enumerate(orig(epoch, start, engine)):
-            if engine.rank == 0 and epoch == 0 and start + i == 12:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield b
-    task.train_loader = loader
-    return task
-'''
+STOP_RECIPE = os.path.join(TEST_RECIPES, "ddp_stop_rank0.py")   # rank 0 alone gets SIGTERM at step 12
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +55,7 @@ def runs(tmp_path_factory):
         rank 0 writing its checkpoints in the background (async_checkpoint).
     Every save also checks that every rank's params equal rank 0's (DDPEngine._check_replicas), or fails."""
     root = tmp_path_factory.mktemp("ddp")
-    recipe, stopped, nodes = root / "stop_recipe.py", str(root / "stopped"), str(root / "nodes")
-    recipe.write_text(STOP_RECIPE)
+    recipe, stopped, nodes = STOP_RECIPE, str(root / "stopped"), str(root / "nodes")
     first = th("run", recipe, "--nproc=2", *run_args(stopped), timeout=TIMEOUT, env=ENV, check=False)
     resumed = torchrun(stopped, recipe=str(recipe))
 

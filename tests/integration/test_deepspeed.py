@@ -27,7 +27,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/ (run as the worker)
-from helpers import ROOT, TEST_RECIPES, TINY, free_port, run_args, shakespeare_chars, th  # noqa: E402
+from helpers import ROOT, TEST_RECIPES, TINY, free_port, rows, run_args, shakespeare_chars, th  # noqa: E402
 from helpers import stop_after  # noqa: E402
 
 K = 6   # steps per equivalence run
@@ -240,10 +240,6 @@ def eager_runs(tmp_path_factory):
             done[name] = cfg.run_dir
         return done[name]
     return get
-
-
-def rows(run, split):
-    return [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == split]
 
 
 def losses(run) -> list[float]:

@@ -14,15 +14,13 @@ import sys
 
 import pytest
 
-from helpers import ROOT, TINY, free_port, shakespeare_chars, th
+from helpers import ENV, MULTINODE, ROOT, TEST_RECIPES, TINY, free_port, shakespeare_chars, th
 from thcore import checkpoint
 
 SINGLE = os.path.join(ROOT, "recipes", "single_translation.py")
 DDP = os.path.join(ROOT, "recipes", "ddp_translation.py")
-MULTINODE = os.path.join(ROOT, "launchers", "multinode.py")
 SMALL = {**TINY, "batch_size": 8, "demo_train_size": 200, "demo_valid_size": 16, "demo_test_size": 8,
          "max_steps": 10, "checkpoint_every": 5, "eval_every": 0, "dist_timeout_s": 120}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 ranks on 2 cores
 TIMEOUT = 300   # seconds per launch: generous on 2 shared cores
 
 
@@ -197,15 +195,15 @@ def test_a_log_that_is_not_a_terminal_gets_one_plain_line_per_log_step(runs, npr
 
 # -- 4. a recipe that cannot be imported ---------------------------------------------------------------------
 
-BROKEN = {"syntax.py": ("import attrs\n\ndef build(cfg:\n    pass\n", ":3: '(' was never closed"),
-          "imports.py": ("import attrs\nimport thcore.no_such_module\n",
-                         ":2: ModuleNotFoundError: No module named 'thcore.no_such_module'")}
+# tests/recipes/broken/: each recipe, copied into the test's directory, and the end of the error line it must give
+BROKEN = {"syntax.py": ":3: '(' was never closed",
+          "imports.py": ":2: ModuleNotFoundError: No module named 'thcore.no_such_module'"}
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_broken_recipe_is_one_line_naming_file_and_line(tmp_path, nproc):
-    for name, (text, want) in BROKEN.items():
-        (tmp_path / name).write_text(text)
+    for name, want in BROKEN.items():
+        shutil.copy(os.path.join(TEST_RECIPES, "broken", name), tmp_path / name)
         line = one_error(th("run", str(tmp_path / name), f"--nproc={nproc}", f"--out_dir={tmp_path / 'run'}",
                             check=False, timeout=TIMEOUT, env=ENV))
         assert line == f"error: recipe {tmp_path / name}{want}", line
@@ -215,7 +213,7 @@ def test_a_broken_recipe_is_one_line_naming_file_and_line(tmp_path, nproc):
 def test_torchrun_by_hand_prints_the_cause_first_and_once(tmp_path):
     """`torchrun launchers/multinode.py` started by the user: the workers say it in one line (only one rank does),
     each exits 2; torchrun's own summary follows the cause."""
-    (tmp_path / "syntax.py").write_text(BROKEN["syntax.py"][0])
+    shutil.copy(os.path.join(TEST_RECIPES, "broken", "syntax.py"), tmp_path / "syntax.py")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}", MULTINODE,
                         "--recipe", str(tmp_path / "syntax.py"), f"--out_dir={tmp_path / 'run'}"],

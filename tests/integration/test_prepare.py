@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import pathlib
 import pickle
 import random
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import DATA, ROOT, th
+from helpers import DATA, ROOT, SCRIPTS, multi30k_dir, th
 from thcore.config import ConfigError
 from thcore.data import corpus, lm
 from thcore.data import translation as tdata
@@ -162,15 +163,6 @@ def test_bad_inputs_name_the_file_and_line_and_leave_the_old_output(tmp_path):
     assert not (tmp_path / "new").exists()   # nor the directories it made
 
 
-_PEAK = """
-import resource, sys
-sys.path.insert(0, {root!r})
-from thcore.data import lm
-lm.prepare({input!r}, {out!r}, "char")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-
-
 def test_peak_memory_does_not_grow_with_the_input(tmp_path):
     """Char prepare of 8 MiB and of 64 MiB of Shakespeare, each in a fresh process: the same peak RSS (a one-shot
     prepare grows ~12x the input; the 2 GB figures are in docs/PERFORMANCE.md)."""
@@ -181,8 +173,8 @@ def test_peak_memory_does_not_grow_with_the_input(tmp_path):
         with open(path, "wb") as f:
             for _ in range((mb << 20) // len(text)):
                 f.write(text)
-        out = subprocess.run([sys.executable, "-c", _PEAK.format(root=ROOT, input=str(path), out=str(tmp_path / f"o{mb}"))],
-                             capture_output=True, text=True, timeout=600, check=True).stdout
+        out = subprocess.run([sys.executable, os.path.join(SCRIPTS, "prepare_peak_rss.py"), ROOT, str(path),
+                              str(tmp_path / f"o{mb}")], capture_output=True, text=True, timeout=600, check=True).stdout
         peaks.append(int(out.split()[-1]) / 1024)
         os.remove(path)
     assert peaks[1] < 1.2 * peaks[0], peaks
@@ -190,13 +182,7 @@ def test_peak_memory_does_not_grow_with_the_input(tmp_path):
 
 # -- translation -------------------------------------------------------------------------------------------------
 def _m30k(tmp_path, train=1200, valid=40, test=30):
-    d = tmp_path / "m30k"
-    d.mkdir(exist_ok=True)
-    for split, n in (("train", train), ("valid", valid), ("test", test)):
-        for lang in ("en", "de"):
-            lines = read_lines(os.path.join(M30K, f"{split}.{lang}"), split)[:n]
-            (d / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines))
-    return d
+    return pathlib.Path(multi30k_dir(tmp_path, train, valid, test))
 
 
 def _cfg(out, **kw):

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from helpers import DATA, th
+from helpers import DATA, multi30k_dir, th
 from thcore import decode, func
 from thcore.config import ConfigError
 from thcore.data.loader import token_batches
@@ -191,12 +191,7 @@ def test_corpus_scores_are_sacrebleu():
 
 def _data_dir(tmp_path, train=3000, valid=100, test=60, name="m30k"):
     """The first lines of Multi30k in a temporary directory named as --data_dir expects."""
-    d = tmp_path / name
-    d.mkdir(exist_ok=True)
-    for split, n in (("train", train), ("valid", valid), ("test", test)):
-        for lang in ("en", "de"):
-            (d / f"{split}.{lang}").write_text("".join(line + "\n" for line in m30k(split, lang, n)))
-    return str(d)
+    return multi30k_dir(tmp_path, train, valid, test, name)
 
 
 def _cfg(out, **kw):

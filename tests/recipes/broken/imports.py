@@ -1,0 +1,2 @@
+import attrs
+import thcore.no_such_module

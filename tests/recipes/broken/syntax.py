@@ -1,0 +1,4 @@
+import attrs
+
+def build(cfg:
+    pass
