@@ -247,14 +247,3 @@ def test_a_stop_on_one_rank_is_agreed_and_the_same_command_resumes(runs):
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_10", "step_15", "step_20"]
     assert [r["step"] for r in rows(run, "train")] == [5, 10, 15, 20]
     # bitwise equal to the uninterrupted job: test_two_nodes_on_localhost_agree_with_one_node_stopped_and_resumed
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
-def test_nccl_on_gpus_trains_in_bf16(tmp_path):
-    n = torch.cuda.device_count()
-    p = th("run", RECIPE, *run_args(str(tmp_path), precision="bf16", ddp_comm_hook="bf16_compress"),
-           timeout=TIMEOUT)
-    assert f"x {n} ranks" in p.stdout + p.stderr and "engine ddp on cuda:0" in p.stdout + p.stderr
-    losses = [r["loss"] for r in rows(str(tmp_path), "train")]
-    assert losses[-1] < losses[0]

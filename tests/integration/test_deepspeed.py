@@ -429,20 +429,6 @@ def test_nan_policy_stop_exits_3_naming_the_step(tmp_path):
 
 
 @needs_deepspeed
-def test_th_run_starts_the_processes(tmp_path):
-    """`python th.py run recipes/zero3_translation.py`: th.py starts torchrun with the recipe's 2 processes."""
-    out = tmp_path / "run"
-    args = {**TWO, "max_steps": 3, "out_dir": out}
-    p = th("run", os.path.join(ROOT, "recipes", "zero3_translation.py"), *(f"--{k}={v}" for k, v in args.items()),
-           timeout=TIMEOUT, env=ENV)
-    log = p.stdout + p.stderr
-    assert "engine deepspeed on cpu x 2" in log and '"overlap_comm": false, "stage": 3}' in log   # CPU: no streams
-    assert [r["step"] for r in rows(out, "train")] == [1, 2, 3]
-    assert open(out / "checkpoints" / "latest").read().strip() == "step_3"
-    assert os.path.isfile(out / "checkpoints" / "step_3" / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-
-
-@needs_deepspeed
 def test_contradicting_config_is_one_line_error(tmp_path):
     cfgfile = tmp_path / "ds.json"
     cfgfile.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))

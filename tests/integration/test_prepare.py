@@ -243,19 +243,6 @@ def test_prepared_run_has_the_losses_of_the_raw_run_and_resumes_reuse_it(tmp_pat
         TranslationTask(_cfg(tmp_path / "x", **common, prepared=str(tmp_path)))
 
 
-def test_two_ranks_one_prepares_the_other_waits(tmp_path):
-    """A DDP run from raw files: rank 0 prepares into the run directory, rank 1 waits and reads it."""
-    d = _m30k(tmp_path, train=600, valid=20, test=20)
-    run = tmp_path / "run"
-    th("run", "recipes/multi30k_en_de.py", f"--data_dir={d}", f"--out_dir={run}", "--engine=ddp", "--nproc=2",
-       "--d_model=32", "--num_heads=2", "--num_encoder_layers=1", "--num_decoder_layers=1", "--d_ff=64",
-       "--vocab_size=500", "--max_steps=4", "--max_minutes=0", "--eval_every=1000", "--log_every=2",
-       "--test_beam=1", timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    meta = tdata.read_meta(str(run / "prepared"))
-    assert meta["splits"]["train"]["pairs"] == 600 and os.path.isfile(run / "vocab.joint.json")
-    assert [r["step"] for r in read_jsonl(str(run / "metrics.jsonl")) if r["split"] == "train"] == [2, 4]
-
-
 def test_translation_prepare_bad_input_is_one_line(tmp_path):
     d = tmp_path / "c"
     d.mkdir()

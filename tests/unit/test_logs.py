@@ -1,7 +1,7 @@
 """What a run leaves to read: TensorBoard and metrics.jsonl tell the same history after a resume (read back with
 tensorboard's own EventAccumulator), the config history of a resume with changed fields, plain text lines off a
 terminal and the bar on one, the Weights & Biases sink (a fake wandb module; W&B's own offline mode under
-`th.py run` is tests/integration/test_wandb_offline.py)."""
+`th.py run` is a scenario of tests/integration/test_launch.py)."""
 import glob
 import importlib.machinery
 import json
