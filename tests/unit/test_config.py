@@ -1,3 +1,5 @@
+"""Configs: command-line values coerced to the field types, the paper's defaults, a recipe's redeclared fields
+keeping their validation, an unknown field listing the valid ones, and the JSON round trip."""
 import json
 
 import pytest

@@ -1,3 +1,5 @@
+"""The functional optimizers bit for bit against torch's (AdamW with and without weight decay, SGD with momentum)
+and the learning-rate schedules' values."""
 import math
 
 import pytest
