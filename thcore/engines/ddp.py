@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import checkpoint
 from ..func import bind
 from ..config import ConfigError
-from ..step import LossModule, autocast, loss_fn, train_step  # noqa: F401  (loss_fn: tests/fault_recipe.py patches it here)
+from ..step import LossModule, autocast, loss_fn, train_step  # noqa: F401  (loss_fn: tests/recipes/fault_recipe.py patches it here)
 from . import use_tf32
 from .runtime import Runtime
 

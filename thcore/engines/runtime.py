@@ -33,7 +33,7 @@ def init_process_group(backend: str, timeout_s: float, device_id=None):
 
     torchrun keeps one TCPStore for the whole job (static and c10d rendezvous alike), and the keys the workers
     write carry no attempt number: after a restart a rank could read the address a dead peer published in the
-    previous attempt and fail with "Connection refused" (seen in tests/test_faults.py). On one node every worker
+    previous attempt and fail with "Connection refused" (seen in tests/integration/test_faults.py). On one node every worker
     has the same TORCHELASTIC_RESTART_COUNT, so it prefixes the keys; across nodes the agents may count restarts
     differently (a membership change is not counted), so there torch's own behaviour is kept."""
     timeout = datetime.timedelta(seconds=timeout_s)
