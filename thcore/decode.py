@@ -1,7 +1,7 @@
 """Decoding with a params pytree: greedy and beam search for translation.
 
 The encoder runs once per batch; the decoder runs one position per step over a cache of the earlier positions'
-keys/values and of the projected encoder output (Transformer.new_cache), so a step costs one token, not the
+keys/values and of the projected encoder output (models/layers.py:KVCache), so a step costs one token, not the
 prefix. Each sentence may emit at most `limit` tokens before eos: `max_len_ratio * source length + 10`, capped
 at `max_len`.
 """
@@ -100,7 +100,7 @@ def beam_search(model, params: dict, buffers: dict, src: torch.Tensor, beam: int
             break
         index = torch.tensor(rows, device=src.device)
         ys = torch.cat([ys.index_select(0, index), torch.tensor(toks, device=src.device)[:, None]], dim=1)
-        model.reorder_cache(cache, index)
+        cache.reorder(index)
         scores = torch.tensor(new_scores, device=src.device).view(B, K)
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 

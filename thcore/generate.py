@@ -37,12 +37,12 @@ def generate(model: GPT, params: dict, buffers: dict, idx: torch.Tensor, max_new
     was_training = model.training
     model.eval()
     try:
-        block = model.block_size
+        block = model.config.block_size
         cache, fed = None, 0   # tokens of idx already in the cache
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block:
                 if cache is None:
-                    cache = model.new_cache(idx.size(0), idx.device, next(iter(params.values())).dtype)
+                    cache = model.new_cache()
                 logits = func.apply(model, params, buffers, idx[:, fed:], cache=cache)
                 fed = idx.size(1)
             else:   # uncached, or the window slides past block_size
@@ -57,17 +57,17 @@ def generate(model: GPT, params: dict, buffers: dict, idx: torch.Tensor, max_new
 def load(path: str, checkpoint: str = "", tokenizer_dir: str = "", device: str = "cpu"):
     """(model, params, tokenizer) from a run dir, a checkpoint dir or a Hugging Face GPT-2 dir. The model is
     built on the meta device: its own tensors are never used (functional_call runs it over `params`)."""
-    args, params, src = hf_gpt2.load_gpt(path, checkpoint)
+    config, params, src = hf_gpt2.load_gpt(path, checkpoint)
     with torch.device("meta"):
-        model = GPT(**args)
+        model = config.build()
     params = {k: v.to(device) for k, v in params.items()}
     tok_dir = tokenizer_dir or hf_gpt2.tokenizer_dir_of(hf_gpt2.run_of(path))
     if not tok_dir:
         raise ConfigError(f"tokenizer_dir: required: {path} holds no tokenizer (a directory with vocab.json and "
                           "merges.txt, or a prepared data dir with meta.json)")
     tok = lm_data.load_tokenizer(tok_dir)
-    if tok.vocab_size > args["vocab_size"]:
-        raise ConfigError(f"tokenizer_dir: {tok_dir}: {tok.vocab_size} tokens, the model has {args['vocab_size']}")
+    if tok.vocab_size > config.vocab_size:
+        raise ConfigError(f"tokenizer_dir: {tok_dir}: {tok.vocab_size} tokens, the model has {config.vocab_size}")
     print(f"loaded {src} ({sum(p.numel() for p in params.values()):,} parameters)", file=sys.stderr)
     return model, params, tok
 

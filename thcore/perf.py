@@ -1,7 +1,8 @@
 """Model FLOPs, device peaks and MFU: what `th.py bench` and every run's metrics report.
 
 FLOPs of a training step (forward + backward = 3x forward, matmuls only, a multiply-add counts 2), as nanoGPT and
-the PaLM paper count them:
+the PaLM paper count them; each formula is a method of its model's config (GPTConfig.flops_per_token,
+TransformerConfig.flops), computed from the shape alone (a ZeRO-3 rank's partitioned params need no counting):
 
     GPT, per token:  6 N + 12 L H Q T       N = parameters without the position embeddings (the token embedding
                                             stays: it is also the output layer; padded (vocab_multiple), with its
@@ -31,46 +32,19 @@ _PEAKS = {"H100 PCIe": (756.0, 378.0, 51.2), "H100 NVL": (835.0, 417.5, 60.0), "
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _count(module) -> int:
-    # ds_numel: DeepSpeed ZeRO-3 leaves each rank a partition of every parameter
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) if module is not None else 0
-
-
 def gpt_flops_per_token(model, seq_len: int) -> float:
-    """6N + 12·L·H·Q·T for a thcore GPT (or anything with its layout)."""
-    attn = model.transformer.h[0].attn
-    n = _count(model) - _count(model.transformer.wpe)
-    return 6.0 * n + 12.0 * len(model.transformer.h) * attn.n_embd * seq_len   # H·Q = n_embd
-
-
-def transformer_flops(model, batch_size: int, src_len: int, tgt_len: int) -> float:
-    """FLOPs of one training step of the encoder-decoder Transformer on a [B, S] -> [B, T] batch."""
-    d = model.src_embed.embedding_dim
-    n_enc = _count(model.encoder) + _count(model.enc_norm)
-    n_cross_kv = sum(_count(layer.cross_attn.k_proj) + _count(layer.cross_attn.v_proj) for layer in model.decoder)
-    n_dec = _count(model.decoder) - n_cross_kv + _count(model.dec_norm)
-    n_out = _count(model.generator)   # counted apart: tied to tgt_embed, parameters() may list it there
-    le, ld = len(model.encoder), len(model.decoder)
-    src = 6.0 * (n_enc + n_cross_kv) + 12.0 * le * d * src_len
-    tgt = 6.0 * (n_dec + n_out) + 12.0 * ld * d * (tgt_len + src_len)
-    return batch_size * (src_len * src + tgt_len * tgt)
+    """6N + 12·L·H·Q·T for a thcore GPT: its config's formula (models/gpt.py:GPTConfig.flops_per_token)."""
+    return model.config.flops_per_token(seq_len)
 
 
 def step_flops(model, batches) -> float | None:
     """Model FLOPs of a training step over `batches` (one batch dict or a list of micro-batches), from the
-    batch shapes alone (no device access, no sync); None for a model this module has no formula for."""
-    from .models import GPT, Transformer   # models never import this module: no cycle
-    total = 0.0
-    for b in batches if isinstance(batches, (list, tuple)) else [batches]:
-        if isinstance(model, GPT):
-            B, T = b["idx"].shape
-            total += B * T * gpt_flops_per_token(model, T)
-        elif isinstance(model, Transformer):
-            (B, S), T = b["src"].shape, b["tgt_in"].shape[1]
-            total += transformer_flops(model, B, S, T)
-        else:
-            return None
-    return total
+    batch shapes alone (no device access, no sync): the model config's formula (`config.step_flops`); None for
+    a model without one."""
+    formula = getattr(getattr(model, "config", None), "step_flops", None)
+    if formula is None:
+        return None
+    return sum(formula(b) for b in (batches if isinstance(batches, (list, tuple)) else [batches]))
 
 
 def measured_matmul_flops(device, dtype=torch.float32, n: int = 1024, reps: int = 8, clock=time.perf_counter) -> float:

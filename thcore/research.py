@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import tree
 from .config import ConfigError
 from .optim import AdamW
+from .remat import suspended
 from .state import TrainState
 from .step import IGNORE, dropout_seed, loss_fn
 
@@ -32,17 +33,13 @@ from .step import IGNORE, dropout_seed, loss_fn
 @contextlib.contextmanager
 def functional_mode(model, train: bool = False):
     """Run `model` the way torch.func transforms need it (see the module docstring); restores it after."""
-    was_training, ckpt = model.training, getattr(model, "activation_checkpointing", None)
+    was_training = model.training
     model.train(train)
-    if ckpt is not None:
-        model.activation_checkpointing = False
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), suspended(model):   # torch.func cannot run through checkpointing
             yield
     finally:
         model.train(was_training)
-        if ckpt is not None:
-            model.activation_checkpointing = ckpt
 
 
 def _microbatches(batch):

@@ -8,6 +8,7 @@ from torch.func import functional_call
 
 from thcore.models import (GPT, GPT_PRESETS, EncoderLayer, FeedForward, MultiHeadAttention,
                            SinusoidalPositionalEncoding, Transformer, attention, merge_heads, split_heads)
+from thcore.remat import checkpoint_blocks
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SMALL = dict(d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=64, max_len=64)
@@ -262,7 +263,7 @@ def test_transformer_activation_checkpointing_equal(dropout):
     calls = count_calls([*model.encoder, *model.decoder])
     logits, grads = _loss_and_grads(model, src, tgt)
     assert len(calls) == 4
-    model.activation_checkpointing = True
+    checkpoint_blocks(model)
     logits_ckpt, grads_ckpt = _loss_and_grads(model, src, tgt)
     assert len(calls) == 4 + 8  # every block recomputed once in backward
     with torch.no_grad():
@@ -285,7 +286,7 @@ def test_transformer_functional_call():
     params["tgt_embed.weight"] = params["tgt_embed.weight"] * 2
     assert not torch.allclose(functional_call(model, params, (src, tgt)), model(src, tgt))
     # gradients flow to the dict's tensors, with activation checkpointing on too
-    model.activation_checkpointing = True
+    checkpoint_blocks(model)
     params = {n: p.requires_grad_() for n, p in params.items()}
     out = functional_call(model, params, (src, tgt))
     grads = torch.autograd.grad(out.sum(), list(params.values()))
@@ -382,7 +383,7 @@ def test_gpt_activation_checkpointing_and_functional_call():
 
     calls = count_calls(model.transformer.h)
     logits, grads = run()
-    model.activation_checkpointing = True
+    checkpoint_blocks(model)
     logits_ckpt, grads_ckpt = run()
     assert len(calls) == 2 + 4  # blocks recomputed in backward
     torch.testing.assert_close(logits_ckpt, logits, rtol=0, atol=0)

@@ -14,6 +14,7 @@ from thcore.data.translation import TokenPairs, collate
 from thcore.data.vocab import Vocab
 from thcore.models import GPT, Transformer
 from thcore.optim import SGD, AdamW
+from thcore.remat import checkpoint_blocks, is_checkpointed
 from thcore.state import StepOptions, init_state
 from thcore.step import IGNORE, local_grads, train_step
 
@@ -97,14 +98,14 @@ def test_per_example_grads_equal_a_loop_of_single_example_grads(model):
 def test_per_example_grads_with_dropout(data):
     build, batches = translation(data, dropout=0.3)
     state = init_state(build, seed=0)
-    state.model.activation_checkpointing = True   # torch.func cannot run through it: switched off inside
+    checkpoint_blocks(state.model)   # torch.func cannot run through it: switched off inside
     twice = {k: v[:1].expand(2, *v.shape[1:]) for k, v in batches[0].items()}   # one example, twice
     rng = torch.get_rng_state()
     plain = research.per_example_grads_fn(state)(state.params, twice)
     a = research.per_example_grads_fn(state, dropout=True)(state.params, twice)
     b = research.per_example_grads_fn(state, dropout=True)(state.params, twice)
     assert torch.equal(torch.get_rng_state(), rng), "the caller's RNG must not be consumed"
-    assert state.model.training and state.model.activation_checkpointing, "the model's mode is restored"
+    assert state.model.training and is_checkpointed(state.model), "the model's mode is restored"
     k = "decoder.0.ffn.linear1.weight"
     assert torch.equal(a[k], b[k]), "reproducible: seeded from the state"
     assert torch.allclose(plain[k][0], plain[k][1]), "dropout off: the same example gives the same gradient"

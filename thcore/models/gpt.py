@@ -1,12 +1,13 @@
 """GPT-2 in nanoGPT's layout: module and parameter names match nanoGPT (and so map onto Hugging Face's GPT-2)."""
 import math
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import attention, init_in_place, merge_heads, split_heads
+from .config import ModelConfig
+from .layers import Attention, KVCache, init_in_place
 
 GPT_PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -16,51 +17,61 @@ GPT_PRESETS = {
 }
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, for sampling one token at a time without recomputing the
-    prefix. One preallocated [B, H, max_len, Dh] pair per layer; `pos` tokens are filled.
+@attrs.frozen(kw_only=True)
+class GPTConfig(ModelConfig):
+    """The GPT's shape (models/config.py). `vocab_multiple` pads the token embedding / output layer to a multiple
+    of that many rows (padded_vocab); the logits are always those of the `vocab_size` real tokens."""
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    vocab_multiple: int = 1
 
-    Only for inference: the model writes into it in place (training never passes one)."""
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """GPTConfig.preset("gpt2", vocab_size=50257): a preset's shape, any field overridden."""
+        if name not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
+        return cls(**{**GPT_PRESETS[name], **overrides})
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=torch.float32):
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len, self.pos = max_len, 0
+    @property
+    def rows(self) -> int:
+        return padded_vocab(self.vocab_size, self.vocab_multiple)
 
-    def update(self, layer, k, v):
-        """Store the new tokens' k, v [B, H, T, Dh] at positions pos..pos+T-1; return all keys/values so far."""
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def build(self) -> "GPT":
+        return GPT(self)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (thcore/perf.py): 6 N + 12 L H Q T, N the parameters without the position
+        embeddings (the padded token rows count: the output matmul computes them), H Q = n_embd."""
+        d, bias = self.n_embd, self.bias
+        block = 12 * d * d + 2 * d + 11 * d * bias   # c_attn, c_proj, c_fc, mlp.c_proj; two LayerNorms
+        n = self.rows * d + self.n_layer * block + d + d * bias   # wte (also the output layer), blocks, ln_f
+        return 6.0 * n + 12.0 * self.n_layer * d * seq_len
+
+    def step_flops(self, batch: dict) -> float:
+        B, T = batch["idx"].shape
+        return B * T * self.flops_per_token(T)
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(Attention):
     """Causal self-attention with one fused q/k/v projection (GPT-2's c_attn)."""
 
     def __init__(self, n_embd, n_head, dropout=0.0, bias=True):
-        super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"d_model ({n_embd}) must be divisible by num_heads ({n_head})")
-        self.n_head, self.n_embd, self.dropout = n_head, n_embd, dropout
+        super().__init__(n_embd, n_head, dropout)
+        self.n_embd = n_embd
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cache=None, layer=0):
-        q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(self.n_embd, dim=2))
-        if cache is not None:
-            k, v = cache.update(layer, k, v)   # keys/values of every token so far, the new ones last
-        T, S = q.size(2), k.size(2)
-        if T == S:   # no cached prefix: the usual causal attention
-            y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
-        else:
-            # T new queries after S - T cached tokens: query i sees keys 0..S-T+i. SDPA's is_causal aligns the
-            # mask top-left (wrong once keys outnumber queries), so it is explicit; a single query sees all.
-            mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.resid_dropout(self.c_proj(merge_heads(y)))
+    def project(self, x, kv):
+        return self.c_attn(x).split(self.n_embd, dim=2)   # self-attention only: kv is x
+
+    def output(self, y):
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -86,7 +97,7 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, dropout, bias)
 
     def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.attn(self.ln_1(x), causal=True, cache=cache, layer=layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -111,26 +122,23 @@ def pad_vocab(params: dict, rows: int) -> dict:
 
 
 class GPT(nn.Module):
-    """Decoder-only language model. `vocab_multiple=64` pads the token embedding / output layer to a multiple of 64
-    rows inside (padded_vocab); the logits are always those of the `vocab_size` real tokens."""
+    """Decoder-only language model of a GPTConfig: GPT(config), or GPT(**fields) for the same thing."""
 
-    def __init__(self, vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
-                 bias=True, activation_checkpointing=False, vocab_multiple=1):
+    def __init__(self, config: GPTConfig | None = None, **fields):
         super().__init__()
-        self.block_size, self.vocab_size = block_size, vocab_size
-        self.activation_checkpointing = activation_checkpointing
-        rows = padded_vocab(vocab_size, vocab_multiple)
+        if config is not None and fields:
+            raise TypeError("GPT(config) or GPT(**fields), not both")
+        self.config = c = config if config is not None else GPTConfig(**fields)
+        self.vocab_size = c.vocab_size   # the real tokens' rows of the output layer (the fused loss reads it)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(rows, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(dropout),
-            h=nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
-            ln_f=nn.LayerNorm(n_embd, bias=bias),
+            wte=nn.Embedding(c.rows, c.n_embd),
+            wpe=nn.Embedding(c.block_size, c.n_embd),
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer)),
+            ln_f=nn.LayerNorm(c.n_embd, bias=c.bias),
         ))
-        self.lm_head = nn.Linear(n_embd, rows, bias=False)
+        self.lm_head = nn.Linear(c.n_embd, c.rows, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying; listed once, as transformer.wte.weight
-
-        self.n_layer = n_layer
         init_in_place(self)
 
     def init_spec(self, name: str, shape) -> tuple:
@@ -143,7 +151,7 @@ class GPT(nn.Module):
         if leaf == "bias":
             return ("const", 0.0)
         # Linear and Embedding weights
-        return ("normal", 0.02 / math.sqrt(2 * self.n_layer) if name.endswith("c_proj.weight") else 0.02)
+        return ("normal", 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02)
 
     def init_buffers(self, device) -> dict:
         """The buffers a meta-built model needs made (GPT has none)."""
@@ -151,10 +159,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        """GPT.from_preset("gpt2", vocab_size=50257): a preset's shape, any constructor argument overridden."""
-        if name not in GPT_PRESETS:
-            raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
-        return cls(**{**GPT_PRESETS[name], **overrides})
+        """GPT.from_preset("gpt2", vocab_size=50257): GPTConfig.preset's model."""
+        return cls(GPTConfig.preset(name, **overrides))
 
     # the output layer's (weight, bias) names in named_parameters(): the fused loss (thcore/losses.py) applies it
     # to `features` itself, chunk by chunk; the weight is wte's (tied)
@@ -167,32 +173,28 @@ class GPT(nn.Module):
         start there, and the cache is advanced past them."""
         logits = self.lm_head(self.features(idx, cache))
         # the padded columns are cut off (a view): softmax, loss and sampling see the real tokens only
-        return logits[..., :self.vocab_size] if logits.size(-1) != self.vocab_size else logits
+        V = self.config.vocab_size
+        return logits[..., :V] if logits.size(-1) != V else logits
 
     def features(self, idx, cache: KVCache | None = None):
         """The final LayerNorm's output [B, T, n_embd]: forward without the output layer."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
-        if start + T > self.block_size:
-            raise ValueError(f"cannot forward a sequence of length {start + T}: block_size is {self.block_size}")
+        if start + T > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {start + T}: block_size is "
+                             f"{self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            if cache is not None:
-                x = block(x, cache, i)
-            elif self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)  # recompute in backward; RNG state preserved
-            else:
-                x = block(x)
+            x = block(x) if cache is None else block(x, cache, i)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def new_cache(self, batch_size, device=None, dtype=torch.float32) -> KVCache:
-        """An empty KV cache for up to block_size tokens of `batch_size` sequences."""
-        attn = self.transformer.h[0].attn
-        return KVCache(len(self.transformer.h), batch_size, attn.n_head, self.block_size,
-                       attn.n_embd // attn.n_head, device, dtype)
+    def new_cache(self, batch_size=None, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for up to block_size tokens. Its tensors take the shape, device and dtype of the first
+        keys stored (the arguments, which older callers pass, are not needed)."""
+        return KVCache(self.config.n_layer, self.config.block_size)
 
     def num_params(self, non_embedding=True) -> int:
         """Parameter count (the tied wte/lm_head once); non_embedding leaves out the position embeddings,

@@ -73,61 +73,105 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 def attention(q, k, v, *, key_padding_mask=None, causal=False, dropout_p=0.0):
     """softmax(q k^T / sqrt(Dh) + mask) v over [B, H, T, Dh] tensors, through F.scaled_dot_product_attention.
 
-    key_padding_mask: bool [B, S], True = padding (never attended to). causal: query i sees keys j <= i
-    (aligned at the top-left, as SDPA's is_causal). The caller passes dropout_p=0 in eval mode."""
-    if key_padding_mask is None:
+    key_padding_mask: bool [B, S], True = padding (never attended to). causal: the T queries are the last T of
+    the S key positions (S > T after a KV cache's prefix), so query i sees keys 0..S-T+i. The caller passes
+    dropout_p=0 in eval mode."""
+    T, S = q.size(-2), k.size(-2)
+    if key_padding_mask is None and (not causal or T == S):
         # no mask tensor: SDPA can pick its flash / memory-efficient kernels
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
-    mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, S], True = may attend
-    if causal:
-        T, S = q.size(-2), k.size(-2)
-        mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]   # True = may attend
+    if causal and T > 1:   # explicit: SDPA's is_causal aligns top-left, wrong once keys outnumber queries
+        tri = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        mask = tri if mask is None else mask & tri
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention with separate q/k/v projections, so one class serves self- and cross-attention."""
+class KVCache:
+    """Keys and values of the tokens decoded so far, for both families' incremental decoding (GPT sampling,
+    Transformer greedy and beam search): a step then costs its new tokens, not the prefix.
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+    Per layer, self-attention keys/values in one [B, H, max_len, Dh] pair allocated at the first update (shape,
+    dtype and device of the first keys) and filled up to `pos`; cross-attention's projected memory, made once.
+    The model advances `pos` once all its layers have seen the step. Only for inference: written in place."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.memory = [None] * n_layer   # (k, v) of the encoder output, per decoder layer
+
+    def update(self, layer: int, k, v):
+        """Store the new tokens' k, v [B, H, T, Dh] at positions pos..pos+T-1; return all keys/values so far."""
+        if self.k[layer] is None:
+            shape = (*k.shape[:2], self.max_len, k.size(3))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of every cached tensor (beam search: each new beam continues an old one)."""
+        for store in (self.k, self.v):
+            store[:] = [None if t is None else t.index_select(0, index) for t in store]
+        self.memory = [None if m is None else tuple(t.index_select(0, index) for t in m) for m in self.memory]
+
+
+class Attention(nn.Module):
+    """Multi-head attention, once for both families: a subclass names the projections (their names are the
+    checkpoints'); the heads, the KV cache and the attention itself are here.
+
+    forward(x, memory=None, ...): x [B, T, D] queries; memory [B, S, D] keys/values (None = self-attention).
+    With a `cache` (inference), self-attention appends the new tokens' keys/values to the earlier ones and
+    cross-attention projects `memory` once, at the first step."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.dropout = dropout
+        self.num_heads, self.dropout = num_heads, dropout
+
+    def project(self, x, kv):
+        """(q, k, v) [B, *, D] of queries `x` and keys/values `kv` (None: q only, k and v None)."""
+        raise NotImplementedError
+
+    def output(self, y):
+        raise NotImplementedError
+
+    def forward(self, x, memory=None, key_padding_mask=None, causal=False, cache: KVCache | None = None,
+                layer: int = 0):
+        cross = memory is not None
+        reuse = cross and cache is not None and cache.memory[layer] is not None
+        q, k, v = (split_heads(t, self.num_heads) if t is not None else None
+                   for t in self.project(x, None if reuse else memory if cross else x))
+        if reuse:
+            k, v = cache.memory[layer]
+        elif cache is not None and cross:
+            cache.memory[layer] = (k, v)
+        elif cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+                      dropout_p=self.dropout if self.training else 0.0)
+        return self.output(merge_heads(y))
+
+
+class MultiHeadAttention(Attention):
+    """Separate q/k/v projections, so one class serves self- and cross-attention (the Transformer's)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, num_heads, dropout)
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x, memory=None, key_padding_mask=None, causal=False, cache=None):
-        """x: [B, T, D] queries; memory: [B, S, D] keys/values (None = self-attention).
+    def project(self, x, kv):
+        if kv is None:
+            return self.q_proj(x), None, None
+        return self.q_proj(x), self.k_proj(kv), self.v_proj(kv)
 
-        cache (inference only, a dict updated in place): self-attention appends the new tokens' keys/values to
-        those of the earlier ones; cross-attention projects `memory` once and reuses it at every later step."""
-        q = split_heads(self.q_proj(x), self.num_heads)
-        if cache is not None and memory is not None and "k" in cache:
-            k, v = cache["k"], cache["v"]
-        else:
-            kv = x if memory is None else memory
-            k = split_heads(self.k_proj(kv), self.num_heads)
-            v = split_heads(self.v_proj(kv), self.num_heads)
-            if cache is not None:
-                if memory is None and "k" in cache:
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
-        T, S = q.size(2), k.size(2)
-        if causal and S > T:
-            # T new queries after S - T cached tokens: query i sees keys 0..S-T+i (SDPA's is_causal aligns
-            # top-left, wrong here); a single new query sees every key
-            if T > 1:
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T))
-            else:
-                y = F.scaled_dot_product_attention(q, k, v)
-            return self.out_proj(merge_heads(y))
-        y = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
-                      dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(merge_heads(y))
+    def output(self, y):
+        return self.out_proj(y)
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -192,10 +236,9 @@ class DecoderLayer(_Residual):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, x, memory, src_pad_mask=None, cache=None):
-        """cache: None (training) or this layer's {"self": {}, "cross": {}} for incremental decoding."""
-        self_c, cross_c = (None, None) if cache is None else (cache["self"], cache["cross"])
-        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=True, cache=self_c))
+    def forward(self, x, memory, src_pad_mask=None, cache: KVCache | None = None, layer: int = 0):
+        """cache: None (training) or the decoder's KVCache (incremental decoding), this is its `layer`."""
+        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=True, cache=cache, layer=layer))
         x = self.residual(x, self.norm2, lambda h: self.cross_attn(h, memory, key_padding_mask=src_pad_mask,
-                                                                   cache=cross_c))
+                                                                   cache=cache, layer=layer))
         return self.residual(x, self.norm3, self.ffn)
