@@ -16,6 +16,7 @@ import shutil
 from safetensors.torch import save_file
 
 from . import checkpoint as checkpoint_lib
+from . import consolidate
 from .config import ConfigError
 from .interop import hf_gpt2
 
@@ -35,9 +36,7 @@ def export_safetensors(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
         save_file(checkpoint_lib.read_params(ckpt), os.path.join(out_dir, "model.safetensors"),
                   metadata={"format": "pt"})
     elif not os.path.isfile(weights) and os.path.isfile(os.path.join(ckpt, "latest")):
-        from .engines import deepspeed   # a DeepSpeed checkpoint: consolidated into an eager one
-        deepspeed.require_deepspeed()
-        deepspeed.export(ckpt, out_dir)
+        consolidate.export_eager(ckpt, out_dir)   # a DeepSpeed checkpoint: consolidated into an eager one
     elif not os.path.isfile(weights):
         raise ConfigError(f"{ckpt}: no model.safetensors")
     else:

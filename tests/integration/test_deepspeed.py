@@ -342,7 +342,7 @@ def test_checkpoint_layout_and_resume_equals_uninterrupted(ds_runs, run):
 
     With offload, DeepSpeedCPUAdam keeps beta^t as a running product in its C++ state (not in the checkpoint): a
     resumed process recomputes it as pow(beta, t), so the update differs at the rounding level (1e-7 observed)."""
-    from thcore.engines.deepspeed import consolidate
+    from thcore.consolidate import consolidate
     out, _ = ds_runs[2]
     full, cut = os.path.join(out, f"{run}_full"), os.path.join(out, f"{run}_cut")
     ckpts = os.path.join(cut, "checkpoints")
@@ -400,7 +400,7 @@ def test_export_then_eager_eval_gives_the_same_val_loss(ds_runs, world, run, tmp
 def test_a_non_finite_step_is_skipped_and_counted(ds_runs, world, run):
     """nan_policy='skip' (the default): step 3's infinite loss leaves the weights and the optimizer state as they
     were after step 2, bitwise; it is counted in the log line, and step 4 trains on."""
-    from thcore.engines.deepspeed import consolidate
+    from thcore.consolidate import consolidate
     out = os.path.join(ds_runs[world][0], run)
     (p2, o2, _), (p3, o3, m3), (p4, _, _) = (consolidate(os.path.join(out, "checkpoints", f"step_{s}"))
                                              for s in (2, 3, 4))
@@ -414,7 +414,7 @@ def test_a_non_finite_step_is_skipped_and_counted(ds_runs, world, run):
 def test_nan_policy_stop_exits_3_naming_the_step(tmp_path):
     """`th.py run ... --engine=deepspeed --nproc=2 --nan_policy=stop` (ZeRO-2): exit status 3, one line naming
     step 7, and the step-6 checkpoint saved on the way out is the uninterrupted run's step 6, bitwise."""
-    from thcore.engines.deepspeed import consolidate
+    from thcore.consolidate import consolidate
     cut, ref = tmp_path / "cut", tmp_path / "ref"
     common = dict(engine="deepspeed", zero_stage=2, checkpoint_every=4)
     p = th("run", FAULTS, "--nproc=2", *run_args(cut, nan_policy="stop", max_steps=12, **common),

@@ -9,7 +9,7 @@ The output layer is tied to `wte` in both, so `lm_head.weight` is never stored o
 Directories read here:
   - a Hugging Face directory: config.json (model_type gpt2) + model.safetensors (or sharded, with
     model.safetensors.index.json). pytorch_model.bin is refused: it is a pickle.
-  - a run directory of ours: model.json (the GPT's constructor arguments) + checkpoints/; the best checkpoint
+  - a run directory of ours: model.json (its GPTConfig, models/gpt.py) + checkpoints/; the best checkpoint
     is used when one was recorded, else the latest (or name one with `checkpoint=`).
 """
 import json
@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint as ckpt_lib
+from .. import consolidate
 from ..config import ConfigError
 from ..data import lm as lm_data
-from ..models.gpt import pad_vocab, padded_vocab
+from ..models.gpt import GPTConfig, pad_vocab
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MODEL_JSON = "model.json"
@@ -29,8 +30,8 @@ _NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias")   # HF's causal-mask buffers 
 
 
 # -- config ----------------------------------------------------------------------------------------------
-def read_hf_config(path: str) -> dict:
-    """GPT constructor arguments from a Hugging Face GPT-2 config.json; refuses variants our GPT does not compute."""
+def read_hf_config(path: str) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 config.json; refuses variants our GPT does not compute."""
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     if hf.get("model_type") != "gpt2":
@@ -48,18 +49,18 @@ def read_hf_config(path: str) -> dict:
     for name, (value, ok) in checks.items():
         if value not in ok:
             raise ConfigError(f"{path}/config.json: {name}={value!r} is not supported (our GPT computes {ok[-1]!r})")
-    return dict(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
-                n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True)
+    return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True)
 
 
-def hf_config(model_args: dict, dropout: float = 0.0, eot: int | None = None) -> dict:
+def hf_config(config: GPTConfig, eot: int | None = None) -> dict:
     """config.json for GPT2LMHeadModel with our GPT's shape (bias=False models are written with zero biases)."""
+    c = config
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": model_args["vocab_size"], "n_positions": model_args["block_size"],
-        "n_embd": model_args["n_embd"], "n_layer": model_args["n_layer"], "n_head": model_args["n_head"],
-        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+        "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot, "dtype": "float32",
     }
@@ -127,18 +128,19 @@ def run_checkpoint(run_dir: str, checkpoint: str = "") -> str:
     return ckpt_lib.pick(run_dir, checkpoint, prefer="best")   # damaged ones skipped, each named in a warning
 
 
-def load_gpt(path: str, checkpoint: str = "", vocab_multiple: int = 0) -> tuple[dict, dict, str]:
-    """(GPT constructor args, params, where the weights came from) for a Hugging Face GPT-2 directory, a run
-    directory of ours, or one checkpoint dir of a run. `vocab_multiple` > 0: the token embedding is brought to
-    that multiple's rows (zero rows added, or pad rows of another multiple cut) for a GPT built with it, and the
-    args say so. A run's model.json without `vocab_multiple` was written before padding: its rows are unpadded."""
+def load_gpt(path: str, checkpoint: str = "", vocab_multiple: int = 0) -> tuple[GPTConfig, dict, str]:
+    """(GPTConfig, params, where the weights came from) for a Hugging Face GPT-2 directory, a run directory of
+    ours, or one checkpoint dir of a run. `vocab_multiple` > 0: the token embedding is brought to that
+    multiple's rows (zero rows added, or pad rows of another multiple cut) for a GPT built with it, and the
+    config says so. A run's model.json without `vocab_multiple` was written before padding: its rows are
+    unpadded."""
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a directory")
-    args, params, src = _load_gpt(path, checkpoint)
+    config, params, src = _load_gpt(path, checkpoint)
     if vocab_multiple:
-        args = {**args, "vocab_multiple": vocab_multiple}
-        params = pad_vocab(params, padded_vocab(args["vocab_size"], vocab_multiple))
-    return args, params, src
+        config = config.replace(vocab_multiple=vocab_multiple)
+        params = pad_vocab(params, config.rows)
+    return config, params, src
 
 
 def _load_gpt(path: str, checkpoint: str):
@@ -150,17 +152,29 @@ def _load_gpt(path: str, checkpoint: str):
     if not os.path.isfile(os.path.join(run_dir, MODEL_JSON)):
         raise ConfigError(f"{path}: neither a GPT run directory (no {MODEL_JSON}) nor a Hugging Face GPT-2 "
                           "directory (config.json with model_type 'gpt2')")
-    with open(os.path.join(run_dir, MODEL_JSON)) as f:
-        args = json.load(f)
+    config = read_model_json(run_dir)
     ckpt = run_checkpoint(run_dir, checkpoint)
     if ckpt_lib.has_params(ckpt):   # whole or sharded (FSDP) params
-        return args, ckpt_lib.read_params(ckpt), ckpt
+        return config, ckpt_lib.read_params(ckpt), ckpt
     if os.path.isfile(os.path.join(ckpt, "latest")):   # a DeepSpeed checkpoint (its own tag dir inside)
-        from ..engines import deepspeed   # only here: reading it needs DeepSpeed's zero_to_fp32
-        deepspeed.require_deepspeed()
-        params, _, _ = deepspeed.consolidate(ckpt)
-        return args, params, ckpt
+        params, _, _ = consolidate.consolidate(ckpt)
+        return config, params, ckpt
     raise ConfigError(f"{ckpt}: no model.safetensors")
+
+
+def read_model_json(run_dir: str) -> GPTConfig:
+    """The GPTConfig a GPT run wrote (tasks/lm.py: save_assets)."""
+    p = os.path.join(run_dir, MODEL_JSON)
+    with open(p) as f:
+        try:
+            return GPTConfig.from_dict(json.load(f))
+        except ValueError as e:
+            raise ConfigError(f"{p}: {e}") from None
+
+
+def write_model_json(run_dir: str, config: GPTConfig) -> None:
+    with open(os.path.join(run_dir, MODEL_JSON), "w") as f:
+        json.dump(config.to_dict(), f, indent=1)
 
 
 def tokenizer_dir_of(path: str) -> str | None:
@@ -183,16 +197,14 @@ def run_of(path: str) -> str:
 def export(run_dir: str, out_dir: str, checkpoint: str = "") -> str:
     """Write `out_dir` as a directory GPT2LMHeadModel.from_pretrained loads (config.json, model.safetensors),
     with the run's meta.json (and BPE files) beside them. Returns the checkpoint dir exported."""
-    args, params, ckpt = load_gpt(run_dir, checkpoint)
+    config, params, ckpt = load_gpt(run_dir, checkpoint)
     run = run_of(run_dir)
     meta = lm_data.read_meta(run) if os.path.isfile(os.path.join(run, lm_data.META)) else None
-    with open(os.path.join(run, "config.json")) as f:
-        dropout = json.load(f).get("dropout", 0.0)
     os.makedirs(out_dir, exist_ok=True)
-    save_file(to_hf(params, args["n_layer"], args["vocab_size"]), os.path.join(out_dir, "model.safetensors"),
+    save_file(to_hf(params, config.n_layer, config.vocab_size), os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(args, dropout, (meta or {}).get("tokenizer", {}).get("eot")), f, indent=2)
+        json.dump(hf_config(config, (meta or {}).get("tokenizer", {}).get("eot")), f, indent=2)
     if meta is not None:   # `th.py generate OUT_DIR` then decodes as the run did
         lm_data.copy_tokenizer(run, out_dir, meta)
     return ckpt
