@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from . import perf
 from .config import Config, ConfigError, field, from_dict
 from .func import pick_device
-from .models import GPT, GPT_PRESETS, Transformer
+from .models import GPT_PRESETS, GPTConfig, TransformerConfig
 from .optim import AdamW, _groups, _impl
 from .profiler import Profiler, quiet_native_stderr
+from .remat import checkpoint_blocks
 from .state import StepOptions, init_state
 from .step import IGNORE, autocast, sdpa_backend
 from .tasks import Task
@@ -47,18 +48,17 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # -- models and batches ---------------------------------------------------------------------------------
 
-def model_args(model, n_layer, n_head, n_embd, vocab_size, seq_len, activation_checkpointing):
+def model_config(model, n_layer, n_head, n_embd, vocab_size, seq_len) -> GPTConfig | TransformerConfig:
+    """The benchmarked model: a GPT preset or the Transformer, n_layer / n_head / n_embd overriding (0: keep)."""
     if model == "transformer":
         n_layer, n_head, n_embd = n_layer or 6, n_head or 8, n_embd or 512
-        return dict(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, d_model=n_embd, num_heads=n_head,
-                    num_encoder_layers=n_layer, num_decoder_layers=n_layer, d_ff=4 * n_embd, dropout=0.0,
-                    max_len=seq_len + 1, activation_checkpointing=activation_checkpointing)
+        return TransformerConfig(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, d_model=n_embd,
+                                 num_heads=n_head, num_encoder_layers=n_layer, num_decoder_layers=n_layer,
+                                 d_ff=4 * n_embd, dropout=0.0, max_len=seq_len + 1)
     if model not in GPT_PRESETS:
         raise ConfigError(f"model={model!r}: one of {', '.join([*GPT_PRESETS, 'transformer'])}")
-    shape = {**GPT_PRESETS[model], **{k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd).items()
-                                      if v}}
-    return dict(vocab_size=vocab_size, block_size=seq_len, dropout=0.0, bias=True,
-                activation_checkpointing=activation_checkpointing, **shape)
+    shape = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd).items() if v}
+    return GPTConfig.preset(model, vocab_size=vocab_size, block_size=seq_len, dropout=0.0, bias=True, **shape)
 
 
 def make_batch(model, batch_size, seq_len, vocab_size, device, seed=0):
@@ -102,14 +102,14 @@ def module_runner(build, batch, opts, impl, device, lr, weight_decay):
     return step, lambda: [*model.parameters(), *_opt_tensors(opt)]
 
 
-def hf_runner(args, batch, opts, impl, device, lr, weight_decay):
+def hf_runner(config, batch, opts, impl, device, lr, weight_decay):
     """transformers' GPT2LMHeadModel with sdpa attention, trained as its users do (loss from `labels`)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise ConfigError("against=hf: transformers is not installed (pip install transformers)") from None
-    cfg = GPT2Config(vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
-                     n_layer=args["n_layer"], n_head=args["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+    cfg = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                     n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                      attn_pdrop=0.0, activation_function="gelu_new", use_cache=False, bos_token_id=None,
                      eos_token_id=None, attn_implementation="sdpa")
     torch.manual_seed(0)
@@ -378,19 +378,21 @@ def bench(b: BenchConfig) -> dict:
     cfg = _run_config(b, dev)
     opts = StepOptions(precision=b.precision, clip_grad=1.0, compile=b.compile, ce_chunk=b.ce_chunk,
                        sdpa_backend=b.sdpa_backend, cuda_graphs=b.cuda_graphs)
-    args = model_args(b.model, b.n_layer, b.n_head, b.n_embd, b.vocab_size, b.seq_len, b.activation_checkpointing)
-    build = (lambda: Transformer(**args)) if b.model == "transformer" else (lambda: GPT(**args))  # noqa: E731
+    shape = model_config(b.model, b.n_layer, b.n_head, b.n_embd, b.vocab_size, b.seq_len)
+
+    def build():
+        model = shape.build()
+        return checkpoint_blocks(model) if b.activation_checkpointing else model
     batch = make_batch(b.model, b.batch_size, b.seq_len, b.vocab_size, dev)
     tokens = b.batch_size * b.seq_len   # per step (a Transformer step: target tokens)
-    with torch.device("meta"):   # shapes only: no memory for a second copy of a large model
-        flops = perf.step_flops(build(), batch)
+    flops = shape.step_flops(batch)   # the config's formula: no model built
     if b.engine == "eager" or dev.type == "cuda":
         from .engines import use_tf32
         use_tf32(dev)   # what our engines do on a GPU; the peers in this process run with it too
     peak, peak_src = perf.peak_flops(str(dev), b.precision, clock=tick)
     if b.loop:
         ms = loop_times(b, cfg, build, batch)
-        res = _result(b, dev, args, tokens, flops, peak, peak_src)
+        res = _result(b, dev, shape, tokens, flops, peak, peak_src)
         res.update(_figures(ms, tokens, flops, peak, 0), loop=True, against={})
         res["peak_mem_gb"] = None
         return _report(b, res, dev)
@@ -406,7 +408,7 @@ def bench(b: BenchConfig) -> dict:
                                          b.lr, b.weight_decay, b.optimizer_impl)
             runners[p] = fn, tensors
         else:
-            runners[p] = hf_runner(args, batch, opts, b.optimizer_impl, dev, b.lr, b.weight_decay)
+            runners[p] = hf_runner(shape, batch, opts, b.optimizer_impl, dev, b.lr, b.weight_decay)
     try:
         timer = Timer(dev, tick)
         for name, (fn, _) in runners.items():
@@ -431,7 +433,7 @@ def bench(b: BenchConfig) -> dict:
         if hasattr(eng, "close"):
             eng.close()
 
-    res = _result(b, dev, args, tokens, flops, peak, peak_src)
+    res = _result(b, dev, shape, tokens, flops, peak, peak_src)
     res.update(_figures(ms["ours"], tokens, flops, peak, mem["ours"]), against={})
     for p in peers:
         fig = _figures(ms[p], tokens, flops, peak, mem[p])
@@ -443,7 +445,7 @@ def bench(b: BenchConfig) -> dict:
     return _report(b, res, dev)
 
 
-def _result(b, dev, args, tokens, flops, peak, peak_src) -> dict:
+def _result(b, dev, shape, tokens, flops, peak, peak_src) -> dict:
     return {"model": b.model, "engine": b.engine, "zero_stage": b.zero_stage, "offload": b.offload,
             "device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "clock": b.clock, "precision": b.precision, "compile": b.compile, "batch_size": b.batch_size,
@@ -452,7 +454,7 @@ def _result(b, dev, args, tokens, flops, peak, peak_src) -> dict:
             "switches": {"ce_chunk": b.ce_chunk, "sdpa_backend": b.sdpa_backend, "cuda_graphs": b.cuda_graphs,
                          "optimizer_impl": b.optimizer_impl, "activation_checkpointing": b.activation_checkpointing},
             "steps": b.steps, "rounds": b.rounds, "loop": False,
-            **{k: v for k, v in args.items() if k in ("n_layer", "n_head", "n_embd", "vocab_size",
+            **{k: v for k, v in shape.items() if k in ("n_layer", "n_head", "n_embd", "vocab_size",
                                                       "num_encoder_layers", "d_model", "num_heads")}}
 
 

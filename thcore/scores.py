@@ -1,5 +1,8 @@
 """Corpus BLEU and chrF of detokenized translations, through sacrebleu's public API, with the BLEU tokenizer
-that fits the target language (13a splits on spaces and punctuation: a Chinese sentence would be one word)."""
+that fits the target language (13a splits on spaces and punctuation: a Chinese sentence would be one word); the
+LM task's perplexity."""
+import math
+
 from sacrebleu.metrics import BLEU, CHRF
 
 from .config import ConfigError
@@ -46,3 +49,8 @@ def signatures(tokenize: str) -> dict:
     """The sacrebleu signatures of these settings with one reference (what `corpus_scores` reports)."""
     out = corpus_scores(["a"], ["a"], tokenize)
     return {"tokenize": tokenize, "bleu_signature": out["bleu_signature"], "chrf_signature": out["chrf_signature"]}
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss), capped where exp would overflow a float (a diverged run's loss)."""
+    return math.exp(min(loss, 50.0))

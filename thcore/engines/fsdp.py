@@ -1,6 +1,6 @@
 """The FSDP engine: torch's FSDP2 (`fully_shard`), one process per device under torchrun.
 
-Every block (each child of the model's `nn.ModuleList`s) and then the root are sharded on a DeviceMesh: 1-D
+Every block (each child of the model's `nn.ModuleList`s, thcore/remat.py:blocks) and then the root are sharded on a DeviceMesh: 1-D
 (`dp_shard` ranks), or 2-D for hybrid sharding (`dp_replicate` x `dp_shard`: replicated across the first mesh
 dimension, e.g. nodes, sharded within). The params become DTensors, and the state's params pytree holds them:
 train_step's math is unchanged (torch's foreach/fused AdamW and the global-norm clipping run on DTensors, and a
@@ -34,15 +34,10 @@ from ..config import ConfigError
 from ..step import loss_fn, train_step
 from . import use_tf32
 from ..func import bind, bind_buffers
+from ..remat import blocks, checkpoint_blocks
 from .runtime import Runtime
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The units sharded one by one: every child of every ModuleList (GPT's blocks, the encoder's and the
-    decoder's layers), found from outside: the models carry no distribution code."""
-    return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
 
 
 def mesh_shape(cfg, world_size: int) -> tuple[int, int]:
@@ -91,7 +86,9 @@ class FSDPEngine(Runtime):
                   "offload_policy": CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if cfg.offload == "cpu"
                   else None}
         policy = {k: v for k, v in policy.items() if v is not None}
-        units = blocks(model)
+        if cfg.activation_checkpointing:   # before sharding: FSDP's hooks run inside each recomputed block
+            checkpoint_blocks(model)
+        units = blocks(model)   # sharded one by one, found from outside: the models carry no distribution code
         # loss_fn never writes into the model's output in place: FSDP's warning about returned views is moot
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in units:

@@ -3,13 +3,11 @@
     python th.py prepare --input=text.txt --out=data/x --tokenizer=char     # or gpt2 --tokenizer_dir=...
     python th.py run recipes/gpt2_shakespeare_char_cpu.py --data_dir=data/x
 
-Training batches are random windows (data/lm.py); an "epoch" is as many micro-batches as it takes to draw
+The data pipeline is tasks/lm_data.py. Training batches are random windows (data/lm.py); an "epoch" is as many micro-batches as it takes to draw
 every training token once in expectation, so `epochs` still means something and the loop's cursor
 {"epoch", "index"} names each batch: batch `index` of `epoch` on `rank` is a function of the seed alone.
 Evaluation estimates val and train loss over `eval_iters` fixed batches each, split over ranks and summed.
 """
-import json
-import math
 import os
 
 import attrs
@@ -18,15 +16,15 @@ from safetensors import safe_open
 
 from .. import checkpoint, optim
 from ..config import Config, ConfigError, _non_negative, _positive, _unit, field
-from ..data import lm as data
 from ..data.loader import to_device
 from ..interop import hf_gpt2
-from ..models.gpt import GPT, padded_vocab
+from ..models.gpt import GPT, GPTConfig
+from ..remat import checkpoint_blocks
+from ..scores import perplexity
 from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
-from . import Task, eval_device, same
+from . import Task, eval_device, lm_data, same
 
-TRAIN_ESTIMATE = 2   # stream tag of the train-loss estimate's batches (training draws with data.TRAIN)
 BPE_MULTIPLE = 64   # vocab_multiple=0 pads GPT-2 BPE vocabularies to this (50257 -> 50304, as nanoGPT)
 
 
@@ -79,77 +77,51 @@ class LMConfig(Config):
 
 
 class LMTask(Task):
-    """Data, model definition and evaluation for one LM config."""
+    """Model construction and evaluation for one LM config; the data pipeline (sources, windows, evaluation
+    batches) is tasks/lm_data.py, perplexity scores.py."""
 
     def __init__(self, cfg: LMConfig, log=print):
         self.cfg, self.log = cfg, log
-        sources = cfg.datasets or {cfg.data_dir: 1.0}
-        self.dirs = list(sources)
-        metas = [data.read_meta(d, "datasets" if cfg.datasets else "data_dir") for d in self.dirs]
-        self.meta = metas[0]
-        for d, m in zip(self.dirs[1:], metas[1:]):
-            if m["tokenizer"] != self.meta["tokenizer"]:
-                raise ConfigError(f"datasets: {d} has another tokenizer than {self.dirs[0]}; mixed data must share one")
-        self.model_args = self._model_args(cfg, self.meta)
-        self._keep_saved_layout(cfg)
-        if self.meta["vocab_size"] > self.model_args["vocab_size"]:
-            raise ConfigError(f"vocab_size={self.model_args['vocab_size']}: the data has {self.meta['vocab_size']} tokens")
-        T = self.model_args["block_size"]
-        self.train, self.val = (data.TokenMix([data.open_split(d, split) for d in self.dirs],
-                                              list(sources.values()), T) for split in ("train", "val"))
-        for d in self.dirs:
-            for split in ("train", "val"):
-                n = len(data.open_split(d, split))
-                if n <= T:
-                    raise ConfigError(f"block_size={T}: {d}/{split}.bin has only {n} tokens; lower block_size")
-        a = self.model_args
-        mix = ", ".join(f"{d} x{w / sum(sources.values()):.2f}" for d, w in sources.items())
-        rows = padded_vocab(a["vocab_size"], a["vocab_multiple"])
-        self.summary = (f"data: {mix} | train {len(self.train):,} tokens, val {len(self.val):,} | "
-                        f"vocab {a['vocab_size']} ({self.meta['tokenizer']['kind']})"
-                        + (f", {rows} rows" if rows != a["vocab_size"] else "") + f" | GPT {a['n_layer']} layers, "
-                        f"{a['n_head']} heads, {a['n_embd']} wide, block {a['block_size']}"
+        meta = lm_data.read_meta(cfg)
+        self.model_config = self._keep_saved_layout(cfg, model_config(cfg, meta))
+        m = self.model_config
+        if meta["vocab_size"] > m.vocab_size:
+            raise ConfigError(f"vocab_size={m.vocab_size}: the data has {meta['vocab_size']} tokens")
+        self.data = lm_data.LMData(cfg, meta, m.block_size)
+        self.train, self.val = self.data.train, self.data.val
+        self.summary = (f"{self.data.summary} | vocab {m.vocab_size} ({meta['tokenizer']['kind']})"
+                        + (f", {m.rows} rows" if m.rows != m.vocab_size else "") + f" | GPT {m.n_layer} layers, "
+                        f"{m.n_head} heads, {m.n_embd} wide, block {m.block_size}"
                         + (f" | from {cfg.init_from}" if cfg.init_from else ""))
 
-    @staticmethod
-    def _model_args(cfg, meta) -> dict:
-        """The GPT's shape: from the config, or from `init_from` (its shape wins; block_size may crop it); the
-        vocabulary padded as `vocab_multiple` says (init_from's weights are padded or cropped to it on load)."""
-        multiple = cfg.vocab_multiple or (BPE_MULTIPLE if meta["tokenizer"]["kind"] == "gpt2" else 1)
-        if cfg.init_from:
-            args = dict(_peek_shape(cfg.init_from))
-            if cfg.block_size > args["block_size"]:
-                raise ConfigError(f"block_size={cfg.block_size}: init_from {cfg.init_from} has {args['block_size']} positions")
-            return {**args, "block_size": cfg.block_size, "vocab_multiple": multiple}
-        return dict(vocab_size=cfg.vocab_size or meta["vocab_size"], block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                    n_embd=cfg.n_embd, bias=cfg.bias, vocab_multiple=multiple)
+    @property
+    def model_args(self) -> GPTConfig:
+        """The model config by its earlier name (a mapping of its fields, as model_args was)."""
+        return self.model_config
 
-    def _keep_saved_layout(self, cfg):
+    def _keep_saved_layout(self, cfg, m: GPTConfig) -> GPTConfig:
         """Resuming a checkpoint written without vocabulary padding (before it was the default): the run keeps
         its unpadded rows, so it goes on with exactly the numbers it had (checkpoints load only into the shape
         that wrote them). A new run from those weights (init_from) is padded on read."""
-        a = self.model_args
-        rows = padded_vocab(a["vocab_size"], a["vocab_multiple"])
         saved = next((r for r in map(_saved_rows, checkpoint.resolve(cfg.resume, cfg.run_dir)) if r), None)
-        if saved != a["vocab_size"] or rows == saved:
-            return
+        if saved != m.vocab_size or m.rows == saved:
+            return m
         if cfg.vocab_multiple > 1:
             raise ConfigError(f"vocab_multiple={cfg.vocab_multiple}: the checkpoint to resume holds {saved} "
                               "unpadded token rows; resume it with vocab_multiple=1, or start a new run from its "
                               "weights with init_from (padded on read)")
-        self.model_args = {**a, "vocab_multiple": 1}
         self.log(f"note: the checkpoint to resume holds {saved} token rows (written without vocabulary padding): "
-                 f"this run keeps them (vocab_multiple=1); init_from pads them to {rows} in a new run")
+                 f"this run keeps them (vocab_multiple=1); init_from pads them to {m.rows} in a new run")
+        return m.replace(vocab_multiple=1)
 
     def save_assets(self, run_dir: str):
-        """model.json (the GPT's constructor arguments) and the tokenizer: what export and generate read."""
-        data.copy_tokenizer(self.dirs[0], run_dir, self.meta)
-        with open(os.path.join(run_dir, hf_gpt2.MODEL_JSON), "w") as f:
-            json.dump(self.model_args, f, indent=1)
+        """model.json (the GPTConfig) and the tokenizer: what export and generate read."""
+        self.data.save_assets(run_dir)
+        hf_gpt2.write_model_json(run_dir, self.model_config)
 
     def build_model(self) -> GPT:
-        return GPT(**self.model_args, dropout=self.cfg.dropout,
-                   activation_checkpointing=self.cfg.activation_checkpointing)
+        model = self.model_config.build()
+        return checkpoint_blocks(model) if self.cfg.activation_checkpointing else model
 
     def init_state(self, total_steps: int, device="cpu"):
         c = self.cfg
@@ -160,7 +132,7 @@ class LMTask(Task):
                            options=StepOptions(precision=c.precision, clip_grad=c.clip_grad,
                                               label_smoothing=c.label_smoothing, **speed_options(c)))
         if init_from:   # Hugging Face's weights, whole: an engine that builds on meta shards them instead
-            _, params, src = hf_gpt2.load_gpt(c.init_from, vocab_multiple=self.model_args["vocab_multiple"])
+            _, params, src = hf_gpt2.load_gpt(c.init_from, vocab_multiple=self.model_config.vocab_multiple)
             params["transformer.wpe.weight"] = params["transformer.wpe.weight"][:c.block_size]   # nanoGPT's crop
             for k, p in state.params.items():
                 if k not in params or params[k].shape != p.shape:
@@ -171,13 +143,11 @@ class LMTask(Task):
 
     # -- batches ------------------------------------------------------------------------------------------
     def batches_per_epoch(self, world: int) -> int:
-        per_batch = self.cfg.batch_size * self.model_args["block_size"] * world
-        return max(self.cfg.grad_accum, len(self.train) // per_batch)
+        return self.data.batches_per_epoch(world)
 
     def train_loader(self, epoch: int, start: int, engine):
-        c = self.cfg
         for i in range(start, self.batches_per_epoch(engine.world_size)):
-            yield self.train.batch(c.batch_size, data.seed_of(c.seed, data.TRAIN, epoch, i, engine.rank))
+            yield self.data.train_batch(epoch, i, engine.rank)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, state, split: str = "valid", *, reduce_sum=same, rank: int = 0, world_size: int = 1,
@@ -189,14 +159,27 @@ class LMTask(Task):
         c, device = self.cfg, eval_device(state, device)
         sums = torch.zeros(4, dtype=torch.float64, device=device)   # val loss, tokens; train loss, tokens
         for i in range(rank, c.eval_iters, world_size):
-            for j, (mix, tag) in enumerate(((self.val, data.VAL), (self.train, TRAIN_ESTIMATE))):
-                batch = to_device(mix.batch(c.batch_size, data.seed_of(c.seed, tag, i)), device)
-                loss_sum, ntok = eval_step(state, batch)
+            for j, batch in enumerate(self.data.eval_batches(i)):
+                loss_sum, ntok = eval_step(state, to_device(batch, device))
                 sums[2 * j] += loss_sum.double()
                 sums[2 * j + 1] += ntok.double()
         val_loss, val_tok, train_loss, train_tok = reduce_sum(sums).tolist()
         loss = val_loss / max(val_tok, 1)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "train_loss": train_loss / max(train_tok, 1)}
+        return {"loss": loss, "ppl": perplexity(loss), "train_loss": train_loss / max(train_tok, 1)}
+
+
+def model_config(cfg: LMConfig, meta: dict) -> GPTConfig:
+    """The GPT of `cfg`, made once from the recipe's fields: its shape from the config, or from `init_from` (its
+    shape wins; block_size may crop it); the vocabulary padded as `vocab_multiple` says (init_from's weights are
+    padded or cropped to it on load)."""
+    multiple = cfg.vocab_multiple or (BPE_MULTIPLE if meta["tokenizer"]["kind"] == "gpt2" else 1)
+    if cfg.init_from:
+        shape = _peek_shape(cfg.init_from)
+        if cfg.block_size > shape.block_size:
+            raise ConfigError(f"block_size={cfg.block_size}: init_from {cfg.init_from} has {shape.block_size} positions")
+        return shape.replace(block_size=cfg.block_size, vocab_multiple=multiple, dropout=cfg.dropout)
+    return GPTConfig(vocab_size=cfg.vocab_size or meta["vocab_size"], block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, vocab_multiple=multiple)
 
 
 def _saved_rows(ckpt: str) -> int | None:
@@ -205,10 +188,8 @@ def _saved_rows(ckpt: str) -> int | None:
     key = "transformer.wte.weight"
     if not checkpoint.has_params(ckpt):   # DeepSpeed's own files: the model.json of its run says
         try:
-            with open(os.path.join(hf_gpt2.run_of(ckpt), hf_gpt2.MODEL_JSON)) as f:
-                args = json.load(f)
-            return padded_vocab(args["vocab_size"], args.get("vocab_multiple", 1))
-        except (OSError, ValueError, KeyError):
+            return hf_gpt2.read_model_json(hf_gpt2.run_of(ckpt)).rows
+        except (OSError, ValueError, TypeError, ConfigError):
             return None
     try:
         if checkpoint.is_sharded(ckpt):
@@ -220,14 +201,11 @@ def _saved_rows(ckpt: str) -> int | None:
         return None
 
 
-def _peek_shape(path: str) -> dict:
-    """The GPT args of an init_from directory without reading its weights."""
+def _peek_shape(path: str) -> GPTConfig:
+    """The GPTConfig of an init_from directory without reading its weights."""
     if hf_gpt2.is_hf_dir(path):
         return hf_gpt2.read_hf_config(path)
     run = hf_gpt2.run_of(path)
-    p = os.path.join(run, hf_gpt2.MODEL_JSON)
-    if not os.path.isfile(p):
+    if not os.path.isfile(os.path.join(run, hf_gpt2.MODEL_JSON)):
         raise ConfigError(f"init_from={path!r}: neither a Hugging Face GPT-2 directory nor a GPT run directory")
-    with open(p) as f:
-        return json.load(f)
-
+    return hf_gpt2.read_model_json(run)

@@ -10,7 +10,8 @@ from ..config import Config, ConfigError, _choice, _non_negative, _positive, _un
 from ..data.loader import epoch_batches, make_loader, to_device, token_batches
 from ..data.translation import SPLITS, collate
 from ..data.vocab import EOS
-from ..models import Transformer
+from ..models import Transformer, TransformerConfig
+from ..remat import checkpoint_blocks
 from ..scores import BLEU_TOKENIZERS, bleu_tokenizer, corpus_scores, signatures
 from ..state import StepOptions, init_state, speed_options
 from ..step import eval_step
@@ -139,6 +140,7 @@ class TranslationTask(Task):
                         + f" | BLEU tokenize {self.bleu_tokenize}"
                         + "".join("\n" + w for w in warnings))
         self.warnings = warnings
+        self.model_config = model_config(cfg, len(self.src_vocab), len(self.tgt_vocab))
 
     def save_assets(self, run_dir: str):
         """The vocabularies, which `th.py translate/eval` and a resumed run read back."""
@@ -151,12 +153,8 @@ class TranslationTask(Task):
             json.dump(self.signatures, f, indent=1)
 
     def build_model(self) -> Transformer:
-        c = self.cfg
-        return Transformer(len(self.src_vocab), len(self.tgt_vocab), d_model=c.d_model, num_heads=c.num_heads,
-                           num_encoder_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers,
-                           d_ff=c.d_ff, dropout=c.dropout, max_len=c.max_len + 1, activation=c.activation,
-                           pre_ln=c.pre_ln, tie_embeddings=c.tie_embeddings, share_embeddings=c.share_embeddings,
-                           activation_checkpointing=c.activation_checkpointing)
+        model = self.model_config.build()
+        return checkpoint_blocks(model) if self.cfg.activation_checkpointing else model
 
     def init_state(self, total_steps: int, device="cpu"):
         c = self.cfg
@@ -255,3 +253,12 @@ class TranslationTask(Task):
         srcs = [torch.tensor(ids[:c.max_len - 1] + [EOS]) for ids in self.src_vocab.encode_batch(lines)]
         hyp = self.hypotheses(state, srcs, beam or c.test_beam, device)
         return [self.tgt_vocab.decode(hyp[i]) for i in range(len(lines))]
+
+
+def model_config(cfg: TranslationConfig, src_vocab_size: int, tgt_vocab_size: int) -> TransformerConfig:
+    """The Transformer of `cfg`, made once from the recipe's fields (positions for max_len tokens and bos)."""
+    return TransformerConfig(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, d_model=cfg.d_model,
+                             num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
+                             num_decoder_layers=cfg.num_decoder_layers, d_ff=cfg.d_ff, dropout=cfg.dropout,
+                             max_len=cfg.max_len + 1, activation=cfg.activation, pre_ln=cfg.pre_ln,
+                             tie_embeddings=cfg.tie_embeddings, share_embeddings=cfg.share_embeddings)
