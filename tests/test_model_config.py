@@ -23,6 +23,8 @@ def test_config_json_round_trip(config):
     back = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
     assert back == config and back.to_dict() == config.to_dict()
     assert dict(config) == config.to_dict() and config["dropout"] == config.dropout   # reads as its dict
+    assert config == config.to_dict() and hash(back) == hash(config)
+    assert config != {**config.to_dict(), "dropout": 0.5} and config != {"no_such_field": 1}
     with pytest.raises(ValueError, match="unknown field.*n_layers"):
         type(config).from_dict({**config.to_dict(), "n_layers": 3})
     model = config.build()
@@ -34,6 +36,7 @@ def test_old_model_json_without_new_fields_reads_with_defaults():
     old = {"vocab_size": 65, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8, "bias": False}
     c = GPTConfig.from_dict(old)
     assert (c.vocab_multiple, c.dropout, c.rows) == (1, 0.0, 65)
+    assert c == old   # a dict equals the config it reads as
     assert GPT(**old).config == c == GPT(c).config
 
 

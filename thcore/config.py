@@ -253,26 +253,15 @@ def _coerce(name: str, typ, value):
             return value.lower() in ("true", "1", "yes")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-    elif typ is int:
-        if isinstance(value, bool):
-            pass
-        elif isinstance(value, int):
-            return value
-        elif isinstance(value, float) and value.is_integer():
-            return int(value)
-        elif isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif typ in (int, float):   # a number, or its text; an int field takes a whole float (1.0), never a bool
         if isinstance(value, str):
             try:
-                return float(value)
+                return typ(value)
             except ValueError:
                 pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                typ is float or isinstance(value, int) or value.is_integer()):
+            return typ(value)
     elif typ is str:
         return value if isinstance(value, str) else str(value)
     elif typ is dict:

@@ -53,9 +53,10 @@ def read_hf_config(path: str) -> GPTConfig:
                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True)
 
 
-def hf_config(config: GPTConfig, eot: int | None = None) -> dict:
-    """config.json for GPT2LMHeadModel with our GPT's shape (bias=False models are written with zero biases)."""
-    c = config
+def hf_config(config: GPTConfig | dict, eot: int | None = None) -> dict:
+    """config.json for GPT2LMHeadModel with our GPT's shape, a GPTConfig or its dict (bias=False models are
+    written with zero biases)."""
+    c = config if isinstance(config, GPTConfig) else GPTConfig.from_dict(config)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,

@@ -1,7 +1,7 @@
 """The base of the model configs (models/gpt.py:GPTConfig, models/transformer.py:TransformerConfig): a model's
 shape as one frozen attrs object that tasks, `th.py bench`, export, interop and `init_from` share. It round-trips
 through JSON (to_dict / from_dict: model.json, exports) and reads as that dict too (`config["n_layer"]`,
-`GPT(**config)`)."""
+`GPT(**config)`); it equals a dict that reads as it (from_dict: missing fields at their defaults)."""
 import collections.abc
 
 import attrs
@@ -33,6 +33,19 @@ class ModelConfig(collections.abc.Mapping):
             raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
                              f"fields: {', '.join(attrs.fields_dict(cls))}")
         return cls(**values)
+
+    def __eq__(self, other):
+        if isinstance(other, ModelConfig):
+            return type(other) is type(self) and other.to_dict() == self.to_dict()
+        if isinstance(other, collections.abc.Mapping):
+            try:
+                return type(self).from_dict(dict(other)) == self
+            except (TypeError, ValueError):   # not this config's fields
+                return False
+        return NotImplemented
+
+    def __hash__(self):
+        return hash((type(self), tuple(self.to_dict().items())))
 
     def replace(self, **changes):
         return attrs.evolve(self, **changes)

@@ -17,18 +17,18 @@ GPT_PRESETS = {
 }
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, eq=False)   # equality: ModelConfig's
 class GPTConfig(ModelConfig):
     """The GPT's shape (models/config.py). `vocab_multiple` pads the token embedding / output layer to a multiple
     of that many rows (padded_vocab); the logits are always those of the `vocab_size` real tokens."""
-    vocab_size: int = 50304
-    block_size: int = 1024
-    n_layer: int = 12
+    vocab_size: int = 50304      # real tokens: the logits' width
+    block_size: int = 1024       # positions (the longest context)
+    n_layer: int = 12            # blocks
     n_head: int = 12
-    n_embd: int = 768
+    n_embd: int = 768            # width; heads of n_embd // n_head
     dropout: float = 0.0
-    bias: bool = True
-    vocab_multiple: int = 1
+    bias: bool = True            # in every Linear and LayerNorm (GPT-2 has them)
+    vocab_multiple: int = 1      # token embedding rows: vocab_size padded to a multiple of this
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":

@@ -9,22 +9,22 @@ from .config import ModelConfig
 from .layers import DecoderLayer, EncoderLayer, KVCache, SinusoidalPositionalEncoding, init_in_place
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, eq=False)   # equality: ModelConfig's
 class TransformerConfig(ModelConfig):
     """The Transformer's shape (models/config.py); defaults are the paper's base model."""
     src_vocab_size: int
     tgt_vocab_size: int
-    d_model: int = 512
+    d_model: int = 512             # width; heads of d_model // num_heads
     num_heads: int = 8
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
-    d_ff: int = 2048
+    d_ff: int = 2048               # feed-forward width
     dropout: float = 0.1
-    max_len: int = 256
-    activation: str = "relu"
-    pre_ln: bool = False
-    tie_embeddings: bool = False
-    share_embeddings: bool = False
+    max_len: int = 256             # positions of the sinusoidal table (tokens per sentence, bos included)
+    activation: str = "relu"       # of the feed-forward network: relu | gelu
+    pre_ln: bool = False           # LayerNorm on each sub-layer's input (and final ones) instead of after it
+    tie_embeddings: bool = False   # output layer = target embedding
+    share_embeddings: bool = False   # one table for source and target (a joint vocabulary)
     pad_id: int = 0
 
     def build(self) -> "Transformer":
