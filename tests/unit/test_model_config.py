@@ -149,6 +149,19 @@ def test_gpt_greedy_with_the_cache_equals_full_recompute():
     assert torch.equal(cached, full)
 
 
+def test_cache_grows_as_decoding_goes():
+    """The cache's capacity doubles (16, 32, 64 positions): one token at a time equals the full forward."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=20, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+    idx = torch.randint(0, 20, (2, 50))
+    cache = model.new_cache()
+    with torch.no_grad():
+        steps = torch.cat([model(idx[:, :3], cache=cache)] + [model(idx[:, t:t + 1], cache=cache)
+                                                             for t in range(3, 50)], 1)
+        torch.testing.assert_close(steps, model(idx), atol=1e-5, rtol=1e-5)
+    assert cache.pos == 50 and cache.k[0].size(2) == 64
+
+
 @pytest.mark.parametrize("family", ["gpt", "transformer"])
 def test_cache_reordered_as_beam_search_does_equals_full_recompute(family):
     """Feed a prefix through the cache, keep other rows (beam search's reorder), go on: the logits are those of

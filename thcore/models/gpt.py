@@ -192,8 +192,8 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def new_cache(self, batch_size=None, device=None, dtype=None) -> KVCache:
-        """An empty KV cache for up to block_size tokens. Its tensors take the shape, device and dtype of the first
-        keys stored (the arguments, which older callers pass, are not needed)."""
+        """An empty KV cache for up to block_size tokens. Its tensors take the shape, device and dtype of the keys
+        stored (the arguments, which older callers pass, are not needed)."""
         return KVCache(self.config.n_layer, self.config.block_size)
 
     def num_params(self, non_embedding=True) -> int:

@@ -91,9 +91,10 @@ class KVCache:
     """Keys and values of the tokens decoded so far, for both families' incremental decoding (GPT sampling,
     Transformer greedy and beam search): a step then costs its new tokens, not the prefix.
 
-    Per layer, self-attention keys/values in one [B, H, max_len, Dh] pair allocated at the first update (shape,
-    dtype and device of the first keys) and filled up to `pos`; cross-attention's projected memory, made once.
-    The model advances `pos` once all its layers have seen the step. Only for inference: written in place."""
+    Per layer, the self-attention keys/values [B, H, capacity, Dh] filled up to `pos`, and cross-attention's
+    projected memory, made once. The capacity doubles as decoding goes (up to `max_len`), so memory follows the
+    length decoded and a step copies nothing but its own keys. The model advances `pos` once all its layers have
+    seen the step. Only for inference: written in place."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.max_len, self.pos = max_len, 0
@@ -102,10 +103,16 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         """Store the new tokens' k, v [B, H, T, Dh] at positions pos..pos+T-1; return all keys/values so far."""
-        if self.k[layer] is None:
-            shape = (*k.shape[:2], self.max_len, k.size(3))
-            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions: {end} asked for")
+        if self.k[layer] is None or self.k[layer].size(2) < end:
+            size = min(self.max_len, max(end, 2 * self.pos, 16))
+            for store, new in ((self.k, k), (self.v, v)):
+                grown = new.new_zeros(*new.shape[:2], size, new.size(3))
+                if store[layer] is not None:
+                    grown[:, :, :self.pos] = store[layer][:, :, :self.pos]
+                store[layer] = grown
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
