@@ -2,7 +2,6 @@
 import math
 
 import attrs
-import torch
 from torch import nn
 
 from .config import ModelConfig
