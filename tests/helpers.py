@@ -79,6 +79,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 ranks on 2 cores; also silenc
 TIMEOUT = 240   # seconds per launch: generous on 2 shared cores
 
 
+def demo_batches(sentences: int, batch: int):
+    """(source vocab, target vocab, batches): the built-in demo corpus's first `sentences` pairs, `batch` a batch."""
+    from thcore.data import demo
+    from thcore.data.translation import TokenPairs, collate
+    from thcore.data.vocab import Vocab
+    src, tgt = demo.corpus(sentences, seed=3)
+    sv, tv = Vocab.build(s.split() for s in src), Vocab.build(t.split() for t in tgt)
+    ds = TokenPairs.from_lines(src, tgt, sv, tv, max_len=40)
+    return sv, tv, [collate([ds[i] for i in range(j, j + batch)]) for j in range(0, sentences, batch)]
+
+
 def run_args(out, base=RUN, **kw):
     """`--field=value` flags of `base` with out_dir=out and the overrides kw."""
     return [f"--{k}={v}" for k, v in {**base, "out_dir": out, **kw}.items()]

@@ -277,13 +277,14 @@ def save(state, run_dir: str, keep: int = 3, extra: dict | None = None, write_te
     return _commit(*_prepare(state, run_dir, extra, tensors, files), keep, known)
 
 
-class BackgroundSaver:
-    """`save` as above, written by a thread of its own: the caller waits only for a host copy of the state (into
-    buffers kept from one save to the next, pinned for a GPU's tensors), then trains on while the files are
-    written, hashed and fsynced. One save at a time: the next one (and `wait`) waits for the last, and raises
-    its error, if it had one."""
+class Saver:
+    """An engine's `save`: synchronous, or (`background=True`, async_checkpoint) written by a thread of its own.
+    In the background the caller waits only for a host copy of the state (into buffers kept from one save to the
+    next, pinned for a GPU's tensors), then trains on while the files are written, hashed and fsynced. One save
+    at a time: the next one (and `wait`) waits for the last, and raises its error, if it had one."""
 
-    def __init__(self):
+    def __init__(self, background: bool = False):
+        self.background = background
         self._buffers, self._thread, self._error = {}, None, None
 
     def _host(self, f, k, t):
@@ -294,6 +295,8 @@ class BackgroundSaver:
 
     def save(self, state, run_dir: str, keep: int = 3, extra: dict | None = None) -> str:
         self.wait()
+        if not self.background:
+            return save(state, run_dir, keep=keep, extra=extra)
         tensors = _host_tensors(state, self._host)
         copied = None
         if any(t.is_cuda for t in state.params.values()):

@@ -26,7 +26,7 @@ def test_save_returns_before_the_write_and_the_files_hold_the_state_at_save(tmp_
         assert release.wait(60)
         return write_dir(*args, **kw)
     monkeypatch.setattr(checkpoint, "write_dir", held)
-    saver = checkpoint.BackgroundSaver()
+    saver = checkpoint.Saver(background=True)
     path = saver.save(state, run, extra={"best": 1.5})
     assert path == checkpoint.step_dir(run, 0) and not os.path.exists(path)   # returned, nothing written yet
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_save_returns_before_the_write_and_the_files_hold_the_state_at_save(tmp_
 
 
 def test_the_next_save_reuses_the_host_buffers_and_prunes(tmp_path):
-    state, run, saver = tiny(), str(tmp_path), checkpoint.BackgroundSaver()
+    state, run, saver = tiny(), str(tmp_path), checkpoint.Saver(background=True)
     for step in (1, 2, 3):
         state = state.replace(step=step)
         with torch.no_grad():
@@ -56,7 +56,7 @@ def test_the_next_save_reuses_the_host_buffers_and_prunes(tmp_path):
 
 
 def test_a_failed_write_is_raised_at_the_next_wait_and_the_saver_goes_on(tmp_path, monkeypatch):
-    state, run, saver = tiny(), str(tmp_path), checkpoint.BackgroundSaver()
+    state, run, saver = tiny(), str(tmp_path), checkpoint.Saver(background=True)
     write_dir = checkpoint.write_dir
 
     def full(final, *args, **kw):

@@ -6,12 +6,9 @@ import re
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, demo_batches
 from thcore import checkpoint, research, tree
 from thcore.config import ConfigError
-from thcore.data import demo
-from thcore.data.translation import TokenPairs, collate
-from thcore.data.vocab import Vocab
 from thcore.models import GPT, Transformer
 from thcore.optim import SGD, AdamW
 from thcore.remat import checkpoint_blocks, is_checkpointed
@@ -21,10 +18,7 @@ from thcore.step import IGNORE, local_grads, train_step
 
 @pytest.fixture(scope="module")
 def data():
-    src, tgt = demo.corpus(48, seed=3)
-    sv, tv = Vocab.build(s.split() for s in src), Vocab.build(t.split() for t in tgt)
-    ds = TokenPairs.from_lines(src, tgt, sv, tv, max_len=40)
-    return sv, tv, [collate([ds[i] for i in range(j, j + 8)]) for j in range(0, 48, 8)]
+    return demo_batches(48, 8)
 
 
 def translation(data, dropout=0.0, activation="relu"):

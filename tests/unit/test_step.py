@@ -2,10 +2,8 @@
 import pytest
 import torch
 
+from helpers import demo_batches
 from thcore import tree
-from thcore.data import demo
-from thcore.data.translation import TokenPairs, collate
-from thcore.data.vocab import Vocab
 from thcore.models import Transformer
 from thcore.remat import checkpoint_blocks
 from thcore.optim import SGD, AdamW
@@ -15,10 +13,7 @@ from thcore.step import train_step
 
 @pytest.fixture(scope="module")
 def data():
-    src, tgt = demo.corpus(64, seed=3)
-    sv, tv = Vocab.build(s.split() for s in src), Vocab.build(t.split() for t in tgt)
-    ds = TokenPairs.from_lines(src, tgt, sv, tv, max_len=40)
-    return sv, tv, [collate([ds[i] for i in range(j, j + 16)]) for j in range(0, 64, 16)]
+    return demo_batches(64, 16)
 
 
 def make_state(data, dropout=0.1, **options):

@@ -60,7 +60,7 @@ class DDPEngine(Runtime):
         super().__init__(cfg, "engine='ddp'")
         self.start()
         self.ddp = self.forward = self.params = self._hook_state = None
-        self.saver = checkpoint.BackgroundSaver() if cfg.async_checkpoint else None   # rank 0's
+        self.saver = checkpoint.Saver(background=cfg.async_checkpoint)   # rank 0's
 
     def init(self, state):
         state = state.to(self.device)
@@ -127,13 +127,13 @@ class DDPEngine(Runtime):
     def save(self, state, run_dir, keep=3, extra=None):
         self._check_replicas(state)
         if self.is_main:
-            (self.saver or checkpoint).save(state, run_dir, keep=keep, extra=extra)
-        if self.saver is None:
+            self.saver.save(state, run_dir, keep=keep, extra=extra)
+        if not self.saver.background:
             dist.barrier()   # nobody reads or prunes checkpoints while rank 0 writes one
         return checkpoint.step_dir(run_dir, state.step)   # on every rank: error messages name it alike
 
     def wait_saves(self):
-        if self.saver is None:
+        if not self.saver.background:
             return
         try:
             if self.is_main:

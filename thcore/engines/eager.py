@@ -13,7 +13,7 @@ class EagerEngine(Engine):
     def __init__(self, cfg):
         self.device = self.build_device = pick_device(cfg.device)   # params drawn straight onto the device
         self.resume = cfg.resume   # the wording of a failed resume
-        self.saver = checkpoint.BackgroundSaver() if cfg.async_checkpoint else None
+        self.saver = checkpoint.Saver(background=cfg.async_checkpoint)
 
     def init(self, state):
         state = state.to(self.device)
@@ -26,11 +26,10 @@ class EagerEngine(Engine):
         return train_step(state, batch, donate=True)
 
     def save(self, state, run_dir, keep=3, extra=None):
-        return (self.saver or checkpoint).save(state, run_dir, keep=keep, extra=extra)
+        return self.saver.save(state, run_dir, keep=keep, extra=extra)
 
     def wait_saves(self):
-        if self.saver is not None:
-            self.saver.wait()
+        self.saver.wait()
 
     def restore(self, state, paths):
         return checkpoint.restore(state, paths, resume=self.resume)
